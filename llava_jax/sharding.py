@@ -1,0 +1,110 @@
+"""Device mesh, the one table of logical-axis rules, and sharding helpers.
+
+Parameters and activations are annotated with logical axis names; this table is the only place
+that maps them onto the physical mesh axes ("data", "fsdp", "tensor").
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+LOGICAL_RULES = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "patch": None,
+    "positions": None,
+    # activations
+    "act_batch": BATCH_AXES,
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def logical_to_spec(names: Sequence[Optional[str]]) -> P:
+    """PartitionSpec for a tuple of logical axis names (None stays replicated)."""
+    out = []
+    for name in names:
+        if name is None:
+            out.append(None)
+        elif name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in llava_jax.sharding.LOGICAL_RULES")
+        else:
+            out.append(LOGICAL_RULES[name])
+    return P(*out)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
+                         f"{int(np.prod(sizes))} devices, found {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # non-TPU topologies without a physical layout
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def _active_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x, names: Sequence[Optional[str]]):
+    """Constrain an activation's sharding by logical names; a no-op outside `jax.set_mesh`."""
+    if _active_mesh() is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def variable_spec(variable) -> P:
+    """PartitionSpec of an nnx Variable from its `out_sharding` logical-name metadata."""
+    names = variable.get_metadata().get("out_sharding") if hasattr(variable, "get_metadata") else None
+    if not names:
+        return P()
+    return logical_to_spec(names)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedSharding tree (same structure as an nnx State) from the variables' logical names."""
+    from flax import nnx
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            return v.replace(NamedSharding(mesh, variable_spec(v)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batches are split over ("data", "fsdp") on their leading axis."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
