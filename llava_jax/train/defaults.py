@@ -1,0 +1,60 @@
+"""The training config schema: every key a training config may set, with its default.
+
+configs/*.py start from `base_config()` and set the model and the recipe's hyperparameters.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from llava_jax.models.config import LlavaConfig
+
+
+def base_config(model: LlavaConfig | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict((model or LlavaConfig()).to_dict())
+    c.stage = 2                      # 1: projector only (plain template); 2: projector + LLM
+    c.seed = 0
+    c.total_steps = 100              # optimizer steps; 0 = derive from num_epochs and the dataset size
+    c.num_epochs = 1
+    c.global_batch_size = 128        # samples per optimizer step, over all hosts
+    c.microbatch_size = 0            # samples per accumulation microbatch (global); 0 = no accumulation
+    c.max_length = 2048              # tokens per row, image tokens included
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.projector_lr = 0.0       # 0 = same as lr
+    c.optim.warmup_ratio = 0.03
+    c.optim.schedule = "cosine"      # linear warmup, then cosine decay to 0
+    c.optim.weight_decay = 0.0       # never applied to norms and biases
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_every = 0                 # held-out loss every N steps when data.eval_* is set
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"      # synthetic | json | arrayrecord
+    c.data.json_path = ""            # LLaVA JSON/JSONL (comma-separated for a mixture)
+    c.data.weights = ""              # mixture weights, comma-separated, same order as json_path
+    c.data.image_folder = ""
+    c.data.arrayrecord_dir = ""
+    c.data.eval_json_path = ""
+    c.data.eval_arrayrecord_dir = ""
+    c.data.template = "vicuna_v1"    # plain | v0 | vicuna_v1 | llava_v1
+    c.data.image_aspect = "pad"      # pad | square
+    c.data.packing = False           # pack several samples per row (segment ids) instead of padding
+    c.data.max_images_per_row = 1
+    c.data.num_workers = 0
+    c.data.shuffle_seed = 0
+    c.data.strict = False            # bad records raise instead of being skipped and counted
+    c.data.synthetic_size = 256      # samples in the built-in synthetic dataset
+
+    c.tokenizer = ""                 # folder with tokenizer files; "" = from init.base
+    c.init = ml_collections.ConfigDict(dict(base="", stage1=""))
+    return c
