@@ -108,3 +108,20 @@ def state_shardings(state, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batches are split over ("data", "fsdp") on their leading axis."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def constrain_spec(x, spec: P):
+    """Constrain with a PartitionSpec over mesh axes; a no-op outside `jax.set_mesh`."""
+    if _active_mesh() is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def tree_batch_shardings(mesh: Mesh, batch) -> dict:
+    """batch_sharding for every array of a batch pytree (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, len(x.shape)), batch)
+
+
+def mesh_from_config(mesh_config, devices=None) -> Mesh:
+    """make_mesh from a config's mesh.{data,fsdp,tensor} (-1 = the remaining devices)."""
+    return make_mesh(int(mesh_config.data), int(mesh_config.fsdp), int(mesh_config.tensor), devices=devices)

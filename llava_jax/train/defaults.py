@@ -37,6 +37,9 @@ def base_config(model: LlavaConfig | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.eval_every = 0                 # held-out loss every N steps when data.eval_* is set
+    c.eval_batches = 16              # held-out batches per evaluation (0 = the whole eval split)
+    c.loss_chunk_size = 0            # >0: vocabulary projection + loss over sequence chunks of this size
+    c.peak_flops_per_device = 0.0    # for MFU; 0 = from the device kind (unknown kinds log mfu null)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"      # synthetic | json | arrayrecord

@@ -1,0 +1,242 @@
+"""CPU training throughput: our jitted stage-2 train step vs transformers' PyTorch LLaVA, same model.
+
+Model: benchmarks/_common.bench_config (CLIP 4 x 256 at 224 px / patch 14 = 256 image tokens,
+LLaMA 8 x 512, 8 heads, MLP 1376, vocab 32000), fp32. Batch 4 x 512 tokens per step, every row
+<s> + 256 image tokens + 255 text tokens (no padding), labels ignore the image part.
+Both sides freeze the vision tower and run AdamW (clip 1.0, no weight decay) on the rest:
+  torch: requires_grad False on the vision tower, loss.backward(), clip_grad_norm_, AdamW.step()
+  ours:  llava_jax.train.step.jit_train_step, stage 2 (projector + LLM trainable).
+Steps are timed interleaved (rounds of torch steps then our steps) so a change in machine load hits
+both sides alike; the table gives medians. MFU = the step's FLOPs (llava_jax.train.flops) / time /
+the fp32 matmul rate of a jitted 2048x2048 matmul loop measured in the same run.
+
+  .venv/bin/python benchmarks/train_throughput.py [--rounds 3 --steps 3] [--variants nothing_saveable,none]
+      [--profile] [--batch 4 --seq 512] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
+    """Full rows: <s>, one image's placeholders, then random text; the pipeline's batch format."""
+    rng = np.random.default_rng(seed)
+    t = cfg.num_image_tokens
+    if seq <= t + 2:
+        raise ValueError(f"--seq {seq} must exceed the {t} image tokens + 2")
+    ids = rng.integers(3, cfg.image_token_id, size=(batch, seq)).astype(np.int32)
+    ids[:, 0] = cfg.text.bos_token_id
+    ids[:, 1:1 + t] = cfg.image_token_id
+    labels = ids.copy()
+    labels[:, :1 + t] = C.IGNORE
+    size = cfg.vision.image_size
+    return dict(input_ids=ids, labels=labels, segment_ids=np.ones_like(ids),
+                positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+                pixel_values=rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
+
+
+# ----- ours ---------------------------------------------------------------------------------------
+
+class OursRunner:
+    """The real train step (stage 2) of llava_jax on one CPU device."""
+
+    def __init__(self, cfg, batch: dict, *, loss_chunk: int = 0):
+        from llava_jax import sharding
+        from llava_jax.train import optim
+        from llava_jax.train import step as S
+        from llava_jax.train.defaults import base_config
+
+        c = base_config(cfg)
+        c.optim.lr, c.optim.warmup_ratio, c.optim.weight_decay, c.optim.grad_clip = 1e-5, 0.0, 0.0, 1.0
+        self.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        tx, schedule = optim.make_optimizer(c.optim, 1000)
+        self.layout = S.state_layout(cfg, 2, tx, self.mesh)
+        self.state = S.init_state(self.layout, cfg, 2, tx, self.mesh)
+        bsh = sharding.tree_batch_shardings(self.mesh, batch)
+        self.batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
+        self.spec = S.StepSpec(self.layout.graphdef, tx, schedule, 1, loss_chunk)
+        self.S = S
+        with jax.set_mesh(self.mesh):
+            self._step = S.jit_train_step(self.spec, self.mesh, self.layout.shardings, bsh)
+
+    def step(self):
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self._step(self.state, self.batch)
+            return float(metrics["loss"])  # blocks until the step is done
+
+    def parts(self) -> dict:
+        """Jitted pieces of the step, each a thunk that blocks: vision forward, loss forward,
+        loss + gradients (no optimizer)."""
+        from flax import nnx
+
+        S, spec = self.S, self.spec
+        graphdef = self.layout.graphdef
+
+        @jax.jit
+        def vision(params, frozen, pixels):
+            model = nnx.merge(graphdef, params, frozen)
+            return model.image_features(pixels.reshape(-1, *pixels.shape[2:]))
+
+        @jax.jit
+        def forward(params, frozen, batch):
+            return S.summed_nll(nnx.merge(graphdef, params, frozen), batch, loss_chunk=spec.loss_chunk)[0]
+
+        @jax.jit
+        def grads(params, frozen, batch):
+            return S.loss_and_grads(spec, params, frozen, batch)[1]
+
+        p, f, b = self.state["params"], self.state["frozen"], self.batch
+
+        def run(fn, *args):
+            with jax.set_mesh(self.mesh):
+                jax.block_until_ready(fn(*args))
+
+        return {"vision fwd": lambda: run(vision, p, f, b["pixel_values"]),
+                "loss fwd": lambda: run(forward, p, f, b),
+                "loss fwd+bwd": lambda: run(grads, p, f, b)}
+
+
+# ----- PyTorch ------------------------------------------------------------------------------------
+
+class TorchRunner:
+    """transformers' LlavaForConditionalGeneration with the vision tower frozen, AdamW on the rest."""
+
+    def __init__(self, cfg, batch: dict, attn: str = "sdpa"):
+        from hf_reference import hf_llava, nhwc_to_nchw
+
+        self.model = hf_llava(cfg, std=0.02)
+        self.model.set_attn_implementation(attn)
+        self.model.train()
+        for p in self.model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=0.0)
+        self.ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+        self.labels = torch.from_numpy(batch["labels"].astype(np.int64))
+        self.pixels = nhwc_to_nchw(batch["pixel_values"][:, 0])
+
+    def step(self):
+        out = self.model(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    def parts(self) -> dict:
+        m = self.model
+
+        def vision():
+            with torch.no_grad():
+                m.model.get_image_features(pixel_values=self.pixels)
+
+        def forward():
+            with torch.no_grad():
+                m(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)
+
+        def fwd_bwd():
+            m(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels).loss.backward()
+            m.zero_grad(set_to_none=True)
+
+        return {"vision fwd": vision, "loss fwd": forward, "loss fwd+bwd": fwd_bwd}
+
+
+# ----- main ---------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torch steps, then ours)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
+    ap.add_argument("--variants", default="nothing_saveable,none",
+                    help="our remat policies to time, comma-separated; 'X:bfloat16' also sets the dtype")
+    ap.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa | eager)")
+    ap.add_argument("--profile", action="store_true", help="also time the step's parts on both sides")
+    ap.add_argument("--small", action="store_true", help="smoke test: a tiny model")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from llava_jax.train.flops import step_flops
+
+    torch.set_num_threads(2)
+    info = C.machine_info()
+    print(f"machine: {info}")
+    if args.small:
+        from conftest import tiny_llava_config
+
+        base = tiny_llava_config(remat_policy="nothing_saveable")
+    else:
+        base = C.bench_config()
+    batch = make_batch(base, args.batch, args.seq)
+    tokens = args.batch * args.seq
+
+    peak = C.jax_matmul_peak()
+    torch_peak = C.torch_matmul_peak()
+    print(f"fp32 matmul peak: jax {peak / 1e9:.1f} GFLOP/s, torch(2 threads) {torch_peak / 1e9:.1f} GFLOP/s")
+
+    torch_runner = TorchRunner(base, batch, args.attn)
+    variants = {}
+    for v in args.variants.split(","):
+        policy, _, dtype = v.partition(":")
+        cfg = base.replace(remat_policy=policy, dtype=dtype or base.dtype)
+        runner = OursRunner(cfg, batch)
+        runner.step()  # compile + first step
+        variants[v] = (cfg, runner)
+    torch_runner.step()  # warm-up (allocator, thread pool)
+
+    times = {"torch": []} | {v: [] for v in variants}
+    losses = {}
+    for r in range(args.rounds):
+        times["torch"] += C.time_calls(lambda: losses.__setitem__("torch", torch_runner.step()), args.steps)
+        for v, (_, runner) in variants.items():
+            times[v] += C.time_calls(lambda: losses.__setitem__(v, runner.step()), args.steps)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {C.median(t):.3f}s" for k, t in times.items())
+              + f"  load {C.load_average()[0]:.2f}")
+
+    flops = step_flops(base, 2, args.batch, args.seq, 1).total
+    t_torch = C.median(times["torch"])
+    rows = [dict(impl=f"transformers {info.get('transformers', '')} ({args.attn})", remat="-", dtype="float32",
+                 step_s=t_torch, tokens_per_s=tokens / t_torch, vs_torch=1.0,
+                 mfu=flops / t_torch / peak, last_loss=losses["torch"])]
+    for v, (cfg, _) in variants.items():
+        t = C.median(times[v])
+        rows.append(dict(impl="llava-jax train step", remat=cfg.remat_policy, dtype=cfg.dtype, step_s=t,
+                         tokens_per_s=tokens / t, vs_torch=t_torch / t, mfu=flops / t / peak,
+                         last_loss=losses[v]))
+    C.print_table(rows, ["impl", "remat", "dtype", "step_s", "tokens_per_s", "vs_torch", "mfu", "last_loss"],
+                  f"train step, batch {args.batch} x {args.seq} tokens, stage 2 (vision frozen)")
+    print(f"step FLOPs {flops / 1e9:.1f} GFLOP; peak (jax fp32 matmul) {peak / 1e9:.1f} GFLOP/s")
+
+    profile = None
+    if args.profile:
+        profile = []
+        first = next(iter(variants.values()))[1]
+        sides = {"torch": torch_runner.parts(), f"ours ({next(iter(variants))})": first.parts()}
+        for name, parts in sides.items():
+            for part, fn in parts.items():
+                fn()  # compile / warm up
+                profile.append(dict(side=name, part=part, seconds=C.median(C.time_calls(fn, max(3, args.steps)))))
+        for name in sides:
+            full = C.median(times["torch"] if name == "torch" else times[next(iter(variants))])
+            profile.append(dict(side=name, part="full step (from above)", seconds=full))
+        C.print_table(profile, ["side", "part", "seconds"], "where the time goes")
+
+    C.write_json("train_throughput", dict(
+        machine=info, batch=args.batch, seq=args.seq, tokens_per_step=tokens, step_flops=flops,
+        jax_matmul_peak_flops=peak, torch_matmul_peak_flops=torch_peak, rows=rows, profile=profile,
+        samples_per_s={r["impl"] + " " + r["remat"]: args.batch / r["step_s"] for r in rows},
+        raw_times=times, model=base.to_dict()), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

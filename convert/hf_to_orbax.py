@@ -1,0 +1,74 @@
+"""Convert HuggingFace PyTorch weights into a llava-jax model folder.
+
+    python convert/hf_to_orbax.py --hf-llava DIR --out CKPT
+        a llava-hf folder (LlavaForConditionalGeneration: model.safetensors, sharded safetensors with
+        model.safetensors.index.json, or pytorch_model.bin; new or old key layout)
+    python convert/hf_to_orbax.py --clip DIR --llm DIR [--projector mm_projector.bin]
+                                  [--projector-type mlp2x_gelu|linear|mlpNx_gelu] --out CKPT
+        a CLIP repo (its text model is ignored) + a LLaMA/Vicuna repo + the original LLaVA projector
+        (stage-1 output). Without --projector the LLM folder's model.mm_projector.* is used if it has
+        one (an original LLaVA checkpoint), else the projector is freshly initialised (for stage 1).
+
+The output folder holds config.json (our LlavaConfig), the tokenizer files and params/ (Orbax).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llava_jax import checkpoint, hf_io  # noqa: E402
+
+
+def convert(out: str, hf_llava: str | None = None, clip: str | None = None, llm: str | None = None,
+            projector: str | None = None, projector_type: str | None = None, image_token_id: int | None = None,
+            tokenizer: str | None = None, seed: int = 0, progress: bool = True):
+    """Write the model folder `out`; returns its LlavaConfig."""
+    if hf_llava:
+        if clip or llm or projector or projector_type:
+            raise ValueError("--hf-llava cannot be combined with --clip/--llm/--projector/--projector-type")
+        config, params = hf_io.load_hf_llava(hf_llava, progress=progress)
+        if image_token_id is not None:
+            config = config.replace(image_token_id=image_token_id)
+        tokenizer = tokenizer or hf_llava
+    elif clip and llm:
+        config, params = hf_io.load_clip_llm(clip, llm, projector=projector, projector_type=projector_type,
+                                             image_token_id=image_token_id, seed=seed, progress=progress)
+        tokenizer = tokenizer or llm
+    else:
+        raise ValueError("give either --hf-llava DIR, or both --clip DIR and --llm DIR")
+    checkpoint.save_model(out, params, config, tokenizer_dir=tokenizer)
+    return config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-llava", help="llava-hf folder (LlavaForConditionalGeneration)")
+    parser.add_argument("--clip", help="CLIP folder (openai/clip-vit-large-patch14[-336] layout)")
+    parser.add_argument("--llm", help="LLaMA/Vicuna folder (LlamaForCausalLM layout)")
+    parser.add_argument("--projector", help="original projector weights (mm_projector.bin or .safetensors)")
+    parser.add_argument("--projector-type", help="linear | mlp2x_gelu | mlpNx_gelu | identity "
+                        "(default: the LLM config's mm_projector_type, else mlp2x_gelu)")
+    parser.add_argument("--image-token-id", type=int, help="placeholder id (default: llava-hf's, or the "
+                        "first id past the LLM's vocabulary)")
+    parser.add_argument("--tokenizer", help="folder to copy tokenizer files from (default: --hf-llava or --llm)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised projector")
+    parser.add_argument("--out", required=True, help="output model folder")
+    args = parser.parse_args(argv)
+    try:
+        config = convert(args.out, hf_llava=args.hf_llava, clip=args.clip, llm=args.llm, projector=args.projector,
+                         projector_type=args.projector_type, image_token_id=args.image_token_id,
+                         tokenizer=args.tokenizer, seed=args.seed)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"hf_to_orbax: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} (projector {config.projector_type}, {config.text.num_layers}-layer LLM, "
+          f"{config.vision.image_size}px vision tower)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Export a llava-jax model folder (or training workdir: its latest step) as a llava-hf folder.
+
+    python convert/orbax_to_hf.py --ckpt CKPT --out DIR [--dtype float32|float16|bfloat16]
+                                  [--max-shard-size-gb 5]
+
+DIR gets safetensors weights (sharded with model.safetensors.index.json when larger than the shard
+size), config.json and the tokenizer files: LlavaForConditionalGeneration.from_pretrained(DIR) loads it.
+Only the mlp2x_gelu projector exists in that format (LLaVA v1's linear projector does not).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llava_jax import checkpoint, hf_io  # noqa: E402
+from llava_jax.models.config import to_hf  # noqa: E402
+
+
+def export(ckpt: str, out: str, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
+           progress: bool = True) -> list:
+    """Write the llava-hf folder `out`; returns the weight file names."""
+    config = checkpoint.read_config(ckpt)
+    to_hf(config)  # fail on an unsupported projector before reading any weights
+    params = checkpoint.load_params_numpy(ckpt, config)
+    names = hf_io.write_hf_llava(params, config, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                 progress=progress)
+    checkpoint.copy_tokenizer_files(checkpoint.model_root(ckpt), out)
+    return names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="llava-jax model folder or training workdir")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    try:
+        names = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"orbax_to_hf: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""Checkpoint folders (the only module that imports orbax).
+
+A model folder:       config.json (our LlavaConfig JSON), tokenizer files, params/ (Orbax PyTree of
+                      the parameters as a nested dict, `nnx.to_pure_dict(nnx.state(model, nnx.Param))`).
+A training workdir:   the same config.json + tokenizer files at its root, and checkpoints/<step>/
+                      holding the item `params` (same nested dict, saved with ocp.args.StandardSave)
+                      next to the optimizer state, the step and the data-iterator state.
+`load_pretrained(path)` accepts both (a workdir gives its latest step), and a step folder itself.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.models.config import LlavaConfig, config_from_any
+
+CONFIG_FILE = "config.json"
+PARAMS_ITEM = "params"
+CHECKPOINTS_DIR = "checkpoints"
+
+# Files a tokenizer/processor leaves in a folder; copied alongside the weights.
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                           "merges.txt", "chat_template.*", "preprocessor_config.json",
+                           "processor_config.json")
+
+
+# ----- model folder: config and tokenizer files -----------------------------------------------
+
+def write_config(path: str, config) -> None:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        f.write(config_from_any(config).to_json())
+
+
+def read_config(path: str) -> LlavaConfig:
+    """The LlavaConfig of a model folder, training workdir or workdir step folder."""
+    root = model_root(path)
+    file = os.path.join(root, CONFIG_FILE)
+    with open(file) as f:
+        d = json.load(f)
+    if "model_type" in d:
+        raise ValueError(f"{file} is a transformers config ({d['model_type']!r}), not a llava-jax model folder; "
+                         "convert the folder with convert/hf_to_orbax.py first")
+    try:
+        return LlavaConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: not a llava-jax model config: {e}") from e
+
+
+def tokenizer_files(folder: str) -> list:
+    found = set()
+    for pattern in TOKENIZER_FILE_PATTERNS:
+        found.update(p for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p))
+    return sorted(found)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list:
+    """Copy tokenizer/processor files from folder `src` to `dst`; returns the names copied."""
+    os.makedirs(dst, exist_ok=True)
+    names = []
+    for file in tokenizer_files(src):
+        shutil.copy2(file, os.path.join(dst, os.path.basename(file)))
+        names.append(os.path.basename(file))
+    return names
+
+
+def write_model_files(path: str, config, tokenizer=None, tokenizer_dir: Optional[str] = None) -> None:
+    """config.json and the tokenizer files (from a tokenizer object or a folder) into `path`.
+
+    Also what a training workdir holds at its root."""
+    write_config(path, config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    elif tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, path)
+
+
+def load_tokenizer(path: str):
+    """The transformers tokenizer saved in a model folder or workdir (AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    root = model_root(path)
+    if not tokenizer_files(root):
+        raise FileNotFoundError(f"no tokenizer files in {root} (expected e.g. tokenizer.json or tokenizer.model)")
+    return AutoTokenizer.from_pretrained(root)
+
+
+# ----- parameters ----------------------------------------------------------------------------
+
+def params_dict(state_or_model) -> dict:
+    """Nested dict of parameter arrays from a model, an nnx.State or a nested dict."""
+    if isinstance(state_or_model, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(state_or_model, nnx.Param))
+    if isinstance(state_or_model, nnx.State):
+        return nnx.to_pure_dict(state_or_model)
+    if isinstance(state_or_model, dict):
+        return state_or_model
+    raise TypeError(f"expected an nnx Module, nnx.State or nested dict of parameters, "
+                    f"got {type(state_or_model).__name__}")
+
+
+def save_params(directory: str, params) -> None:
+    """Write a nested dict of arrays (numpy or jax, sharded or not) as an Orbax PyTree; blocks."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory, params_dict(params), force=True)
+        ckptr.wait_until_finished()
+
+
+def stored_shapes(directory: str) -> dict:
+    """{'a.b.c': (shape, dtype)} of an Orbax params folder, from its metadata (nothing is read)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.abspath(directory)).item_metadata.tree
+    return {_dotted(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(meta)}
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def check_params_match(directory: str, target: dict) -> None:
+    """Raise naming every missing/unexpected parameter and shape mismatch between stored and target."""
+    stored = stored_shapes(directory)
+    wanted = {_dotted(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    problems = []
+    missing = sorted(set(wanted) - set(stored))
+    unexpected = sorted(set(stored) - set(wanted))
+    if missing:
+        problems.append(f"missing parameters {missing}")
+    if unexpected:
+        problems.append(f"unexpected parameters {unexpected}")
+    for name in sorted(set(wanted) & set(stored)):
+        if stored[name][0] != wanted[name]:
+            problems.append(f"shape mismatch for {name}: expected {wanted[name]}, found {stored[name][0]}")
+    if problems:
+        raise ValueError(f"checkpoint {directory} does not match the model config: " + "; ".join(problems))
+
+
+def restore_params(directory: str, target: Optional[dict] = None) -> dict:
+    """Read an Orbax params folder.
+
+    target: nested dict of jax.ShapeDtypeStruct (dtype = the dtype to restore as; with `sharding`
+    each array is read straight into its shards; without, as numpy). None: numpy, stored dtypes.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    if target is not None:
+        check_params_match(directory, target)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(directory, target)
+
+
+def abstract_model(config: LlavaConfig):
+    """LlavaModel with shape-only parameters (nothing allocated)."""
+    from llava_jax.models.llava import LlavaModel
+
+    return nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(0)))
+
+
+def params_target(config: LlavaConfig, mesh=None, dtype=np.float32, host: bool = False) -> dict:
+    """Abstract parameter dict to restore into: on `mesh` by the logical-axis rules, else on device 0;
+    with `host`, as numpy arrays in host memory."""
+    from llava_jax import sharding
+
+    abstract = nnx.state(abstract_model(config), nnx.Param)
+    pure = nnx.to_pure_dict(abstract)
+    if host:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), pure)
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, pure)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), pure, shardings)
+
+
+def model_from_params(config: LlavaConfig, params: dict):
+    """A LlavaModel holding `params` (arrays are used as given, not copied)."""
+    model = abstract_model(config)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree_util.tree_leaves(rest):
+        raise RuntimeError("LlavaModel holds non-parameter state that a checkpoint does not restore: "
+                           f"{list(rest.flat_state())[:5]}")
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state, rest)
+
+
+# ----- model folders and workdirs ------------------------------------------------------------
+
+def save_model(path: str, state_or_model, config, tokenizer=None, tokenizer_dir: Optional[str] = None) -> None:
+    """Write a model folder: config.json, tokenizer files, params/."""
+    write_model_files(path, config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
+    save_params(os.path.join(path, PARAMS_ITEM), state_or_model)
+
+
+def latest_step(workdir: str) -> Optional[int]:
+    """The highest finished step under workdir/checkpoints (one holding a params item), or None."""
+    folder = os.path.join(workdir, CHECKPOINTS_DIR)
+    if not os.path.isdir(folder):
+        return None
+    steps = [int(name) for name in os.listdir(folder)
+             if name.isdigit() and os.path.isdir(os.path.join(folder, name, PARAMS_ITEM))]
+    return max(steps) if steps else None
+
+
+def model_root(path: str) -> str:
+    """The folder holding config.json: the path itself, or the workdir above a step folder."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return path
+    parent = os.path.dirname(os.path.dirname(path))  # workdir/checkpoints/<step> -> workdir
+    if os.path.basename(os.path.dirname(path)) == CHECKPOINTS_DIR and os.path.isfile(os.path.join(parent, CONFIG_FILE)):
+        return parent
+    raise FileNotFoundError(f"{path} is not a llava-jax model folder or training workdir: no {CONFIG_FILE}")
+
+
+def params_location(path: str) -> str:
+    """The Orbax params folder of a model folder, workdir (latest step) or step folder."""
+    path = os.path.abspath(path)
+    direct = os.path.join(path, PARAMS_ITEM)
+    if os.path.isdir(direct):
+        return direct
+    step = latest_step(path)
+    if step is None:
+        raise FileNotFoundError(f"{path} holds no parameters: neither {PARAMS_ITEM}/ nor "
+                                f"{CHECKPOINTS_DIR}/<step>/{PARAMS_ITEM}/")
+    return os.path.join(path, CHECKPOINTS_DIR, str(step), PARAMS_ITEM)
+
+
+def load_params_numpy(path: str, config: Optional[LlavaConfig] = None) -> dict:
+    """The float32 parameters of a model folder / workdir / step folder as numpy (for export)."""
+    config = config or read_config(path)
+    return restore_params(params_location(path), params_target(config, host=True))
+
+
+def load_pretrained(path: str, dtype: Optional[str] = None, mesh=None, param_dtype=None):
+    """Load a model folder, a training workdir (its latest step) or a step folder -> (model, config).
+
+    dtype: compute dtype overriding the saved config's (e.g. 'bfloat16').
+    mesh: a jax Mesh; parameters are read straight into their shards by the logical-axis rules
+      (enter the mesh with jax.set_mesh when calling the model).
+    param_dtype: the dtype parameters are restored as (default float32, the training dtype);
+      'bfloat16' halves the memory for inference.
+    """
+    config = read_config(path)
+    if dtype is not None:
+        config = config.replace(dtype=jnp.dtype(dtype).name)
+    target = params_target(config, mesh=mesh, dtype=jnp.dtype(param_dtype or jnp.float32))
+    params = restore_params(params_location(path), target)
+    return model_from_params(config, params), config
+
+
+# =============================================================================================
+# TRAINING CHECKPOINTS (the train loop's state; written by the training module's owner)
+#
+# workdir/checkpoints/<step>/ holds the items
+#   params     the full model parameter dict (trainable + frozen), StandardSave: the same format
+#              as a model folder's params/, so load_pretrained reads a step like a model folder
+#   opt_state  the optax state over the trainable parameters, StandardSave
+#   data       each process's data-iterator state, process_<i>-of-<n>.json
+#   meta       JSON: step, stage, the training config, counters
+# Saves are asynchronous; restoring reads every array straight into the shardings of the target
+# (so a run can resume on a different mesh).
+# =============================================================================================
+
+import base64 as _base64
+import dataclasses as _dataclasses
+from typing import Any as _Any
+
+import orbax.checkpoint as _ocp
+
+DATA_ITEM = "data"
+OPT_ITEM = "opt_state"
+META_ITEM = "meta"
+
+
+def _encode_data_state(value) -> dict:
+    """Iterator states are JSON-able dicts (Grain datasets) or bytes (Grain DataLoader)."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"kind": "bytes", "value": _base64.b64encode(bytes(value)).decode("ascii")}
+    return {"kind": "json", "value": value}
+
+
+def _decode_data_state(record: dict, file: str):
+    if record.get("kind") == "bytes":
+        return _base64.b64decode(record["value"])
+    if record.get("kind") == "json":
+        return record["value"]
+    raise ValueError(f"{file}: not a data-iterator state record (expected key 'kind' = 'bytes' or 'json')")
+
+
+class DataStateHandler(_ocp.CheckpointHandler):
+    """One JSON file per process: each host restores the position of its own data shard."""
+
+    @staticmethod
+    def _file(directory) -> str:
+        return os.path.join(str(directory), f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+    def save(self, directory, args: "DataStateSave"):
+        with open(self._file(directory), "w") as f:
+            json.dump(_encode_data_state(args.value), f)
+
+    def restore(self, directory, args: "DataStateRestore" = None):
+        file = self._file(directory)
+        if not os.path.exists(file):
+            found = sorted(os.listdir(str(directory))) if os.path.isdir(str(directory)) else []
+            raise FileNotFoundError(f"no data-iterator state for process {jax.process_index()} of "
+                                    f"{jax.process_count()}: {file} is missing (found {found}); the checkpoint "
+                                    "was written by a run with a different number of processes")
+        with open(file) as f:
+            return _decode_data_state(json.load(f), file)
+
+    def metadata(self, directory):
+        return None
+
+    def structure(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@_ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@_dataclasses.dataclass
+class DataStateSave(_ocp.args.CheckpointArgs):
+    value: _Any
+
+
+@_ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@_dataclasses.dataclass
+class DataStateRestore(_ocp.args.CheckpointArgs):
+    pass
+
+
+class TrainCheckpointer:
+    """Async save every N steps keeping the last K; restore the latest onto target shardings."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+        options = _ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
+                                                enable_async_checkpointing=async_save)
+        self.manager = _ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=(PARAMS_ITEM, OPT_ITEM, DATA_ITEM, META_ITEM))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: dict, opt_state, data_state, meta: dict) -> bool:
+        """Start an asynchronous save (arrays are copied off-device before this returns)."""
+        args = _ocp.args.Composite(**{
+            PARAMS_ITEM: _ocp.args.StandardSave(params),
+            OPT_ITEM: _ocp.args.StandardSave(opt_state),
+            DATA_ITEM: DataStateSave(data_state),
+            META_ITEM: _ocp.args.JsonSave(dict(meta, step=int(step))),
+        })
+        return self.manager.save(int(step), args=args, force=True)
+
+    def restore(self, step: int, params_target: dict, opt_target) -> tuple:
+        """-> (params, opt_state, data_state, meta); targets are ShapeDtypeStructs with shardings."""
+        args = _ocp.args.Composite(**{
+            PARAMS_ITEM: _ocp.args.StandardRestore(params_target),
+            OPT_ITEM: _ocp.args.StandardRestore(opt_target),
+            DATA_ITEM: DataStateRestore(),
+            META_ITEM: _ocp.args.JsonRestore(),
+        })
+        out = self.manager.restore(int(step), args=args)
+        return out[PARAMS_ITEM], out[OPT_ITEM], out[DATA_ITEM], out[META_ITEM]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params_subset(path: str, target: dict, only: Optional[tuple] = None) -> dict:
+    """Read the parameters a model folder / workdir / step folder holds for `target`'s leaves.
+
+    target: nested dict of ShapeDtypeStruct with shardings (the whole model). `only`: top-level
+    keys to take (e.g. ('projector',) from a stage-1 run). Returns the nested dict of what was read;
+    leaves the checkpoint lacks (e.g. a projector not in a converted CLIP+Vicuna base) are absent.
+    Shapes must match the target: a mismatch names the parameter and both shapes.
+    """
+    directory = params_location(path)
+    stored = stored_shapes(directory)
+    flat = {_dotted(p): (p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    wanted = {}
+    for name, (p, leaf) in flat.items():
+        if only is not None and name.split(".")[0] not in only:
+            continue
+        if name not in stored:
+            continue
+        if tuple(stored[name][0]) != tuple(leaf.shape):
+            raise ValueError(f"checkpoint {directory}: parameter {name} has shape {stored[name][0]}, "
+                             f"the model config expects {tuple(leaf.shape)}")
+        wanted[name] = leaf
+    if only is not None:
+        missing = [n for n, _ in flat.items() if n.split(".")[0] in only and n not in stored]
+        if missing:
+            raise ValueError(f"checkpoint {directory} lacks parameters {missing[:8]} needed from it")
+    if not wanted:
+        return {}
+    partial = {}
+    for name, leaf in wanted.items():
+        node = partial
+        keys = name.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    restore_args = _ocp.checkpoint_utils.construct_restore_args(partial)
+    with _ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(directory, args=_ocp.args.PyTreeRestore(item=partial, restore_args=restore_args,
+                                                                     partial_restore=True))

@@ -1,0 +1,131 @@
+"""`llava-jax chat`: talk to a checkpoint in the terminal.
+
+  llava-jax chat --ckpt DIR --image photo.jpg --prompt "What is shown?"   # answer once and exit
+  llava-jax chat --ckpt DIR [--image photo.jpg]                           # interactive, multi-turn
+
+Interactive commands: /reset (new conversation, keeps the image), /image PATH (new conversation
+about another image), /help; end of input (Ctrl-D) exits. Answers stream as they are generated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS_HELP = "commands: /reset  /image PATH  /help   (Ctrl-D exits)"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="llava-jax chat", description="Chat with a llava-jax checkpoint.")
+    p.add_argument("--ckpt", required=True, help="model folder or training workdir")
+    p.add_argument("--image", help="image for the first turn")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+    p.add_argument("--image-aspect", choices=("pad", "square"),
+                   help="image preprocessing (default: the checkpoint's, else pad)")
+    p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
+    return p.parse_args(argv)
+
+
+class Session:
+    """One conversation: its turns so far and the image of its first turn."""
+
+    def __init__(self, chat_model, image=None):
+        self.chat_model = chat_model
+        self.image = image
+        self.turns = []
+
+    def reset(self, image=None, keep_image=True):
+        self.turns = []
+        if not keep_image:
+            self.image = image
+
+    def ask(self, text: str, options: dict, out) -> str:
+        with_image = self.image is not None and not self.turns
+        turns = self.turns + [("user", text, with_image)]
+        images = [self.image] if self.image is not None else []
+
+        def show(delta):
+            out.write(delta)
+            out.flush()
+
+        answer = self.chat_model.reply(turns, images, on_text=show, **options)
+        out.write("\n")
+        out.flush()
+        self.turns = turns + [("assistant", answer, False)]
+        return answer
+
+
+def _load_image(path: str):
+    from llava_jax.data.image import load_image
+
+    return load_image(path)
+
+
+def interactive(session: Session, options: dict, stdin, out, err) -> int:
+    print(COMMANDS_HELP, file=err)
+    while True:
+        out.write("USER: ")
+        out.flush()
+        line = stdin.readline()
+        if not line:  # EOF
+            out.write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/help":
+            print(COMMANDS_HELP, file=err)
+            continue
+        if line == "/reset":
+            session.reset()
+            print("(new conversation)", file=err)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=err)
+                continue
+            try:
+                image = _load_image(path)
+            except ValueError as e:  # missing or undecodable: say so and keep chatting
+                print(f"error: {e}", file=err)
+                continue
+            session.reset(image, keep_image=False)
+            print(f"(new conversation about {path})", file=err)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]!r}; {COMMANDS_HELP}", file=err)
+            continue
+        out.write("ASSISTANT: ")
+        out.flush()
+        session.ask(line, options, out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from llava_jax.infer.prompting import ChatModel
+
+    image = None
+    if args.image:
+        try:
+            image = _load_image(args.image)
+        except ValueError as e:
+            print(f"llava-jax chat: {e}", file=sys.stderr)
+            return 2
+    chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
+                                dtype=args.dtype)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)
+    session = Session(chat_model, image)
+    if args.prompt is not None:
+        session.ask(args.prompt, options, sys.stdout)
+        return 0
+    return interactive(session, options, sys.stdin, sys.stdout, sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Text generation with a KV cache: bucketed prefill, chunked jitted decode, sampling and stopping.
+
+The model is split once into (graphdef, state); two jitted functions take the state:
+- `_prefill` runs the (left-padded) prompt through the model, filling a fresh cache, and samples the
+  first new token;
+- `_decode_chunk` runs up to `chunk_size` decode steps in a `lax.while_loop` (it exits early once
+  every row is finished), so Python regains control every few tokens to stream them and to check
+  stop strings, without paying a dispatch per token.
+Shapes are bucketed (batch rows, prompt length, image count, cache length) so a new prompt length
+inside a bucket reuses the compiled code.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# How often each jitted function body was traced (i.e. compiled), by name: tests read it to prove
+# that prompts of different lengths inside a bucket do not recompile.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+DEFAULT_CHUNK_SIZE = 8
+_MIN_PROMPT_BUCKET = 32
+_NEW_TOKENS_ROUNDING = 64
+
+
+# ----- buckets --------------------------------------------------------------------------------
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length: powers of two from 32 up to 1024, then multiples of 512."""
+    if length <= 1024:
+        return max(_MIN_PROMPT_BUCKET, _next_power_of_two(length))
+    return -(-length // 512) * 512
+
+
+def batch_bucket(rows: int) -> int:
+    return _next_power_of_two(rows)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+# ----- sampling -------------------------------------------------------------------------------
+
+def _filter_top_k_top_p(logits, top_k, top_p):
+    """Mask (to -inf) the logits outside each row's top-k, then outside its top-p nucleus.
+
+    top_k (B,) int: 0 = off. top_p (B,) float: 1.0 = off. Same order as transformers' warpers.
+    """
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    descending = jnp.where(descending < kth, -jnp.inf, descending)
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # A token stays while the mass of the tokens ranked above it is below p (the top one always).
+    keep = jnp.sum(mass_before < top_p[:, None], axis=-1)
+    threshold = jnp.take_along_axis(descending, (jnp.maximum(keep, 1) - 1)[:, None], axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _choose_tokens(logits, sampling, step, sample: bool):
+    """Next token per row: argmax where temperature == 0, else a draw from the filtered softmax.
+
+    Each row has its own key, folded with the step number, so a row's draws depend only on its seed
+    and position in the answer (not on the batch it shares or on the chunk size).
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not sample:
+        return greedy
+    temperature, top_k, top_p, keys = sampling
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    filtered = _filter_top_k_top_p(scaled, top_k, top_p)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    drawn = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+# ----- the jitted pieces ----------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "sample"))
+def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, sampling, *, cache_length, sample):
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    batch = input_ids.shape[0]
+    cache = model.init_cache(batch, cache_length)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+    logits, cache = model(input_ids, pixel_values, attention_mask, segment_ids=attention_mask,
+                          positions=positions, cache=cache)
+    first = _choose_tokens(logits[:, -1].astype(jnp.float32), sampling, 0, sample)
+    return first, positions[:, -1] + 1, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sample"), donate_argnames=("cache",))
+def _decode_chunk(graphdef, state, cache, token, position, done, count, limits, first_step, sampling,
+                  eos_ids, pad_id, *, num_steps, sample):
+    """Feed `token` (the last chosen token per row) and choose up to `num_steps` more.
+
+    Returns the chosen tokens (B, num_steps) (pad where a row was already finished or the loop
+    stopped early), the number of steps run, and the carried decode state.
+    """
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    batch = token.shape[0]
+    ones = jnp.ones((batch, 1), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < num_steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, position, cache, done, count, out = carry
+        logits, cache = model(token[:, None], None, ones, segment_ids=ones, positions=position[:, None],
+                              cache=cache)
+        chosen = _choose_tokens(logits[:, -1].astype(jnp.float32), sampling, first_step + step, sample)
+        # Finished rows keep decoding (static shapes) but report the pad id, which need not be a
+        # valid token id, so the fed-back token stays the chosen one.
+        out = out.at[:, step].set(jnp.where(done, pad_id, chosen))
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(chosen, eos_ids) | (count >= limits)
+        return step + 1, chosen, position + 1, cache, done, count, out
+
+    out = jnp.full((batch, num_steps), pad_id, jnp.int32)
+    carry = (jnp.int32(0), token, position, cache, done, count, out)
+    steps, token, position, cache, done, count, out = jax.lax.while_loop(cond, body, carry)
+    return out, steps, token, position, cache, done, count
+
+
+# ----- stopping on token sequences and strings --------------------------------------------------
+
+class _StopMatcher:
+    """Python-side stop criteria for one row: token-id sequences and (with a tokenizer) strings."""
+
+    def __init__(self, stop, tokenizer):
+        self.sequences, self.strings = [], []
+        for item in stop or ():
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise ValueError(f"stop string {item!r} needs a tokenizer (pass tokenizer=...)")
+                if item:
+                    self.strings.append(item)
+            else:
+                seq = [int(t) for t in item]
+                if not seq:
+                    raise ValueError("an empty stop token sequence would stop immediately")
+                self.sequences.append(seq)
+        self.tokenizer = tokenizer
+
+    def __bool__(self):
+        return bool(self.sequences or self.strings)
+
+    def matches(self, tokens: list) -> bool:
+        for seq in self.sequences:
+            if tokens[-len(seq):] == seq:
+                return True
+        if self.strings:
+            text = self.tokenizer.decode(tokens)
+            return any(s in text for s in self.strings)
+        return False
+
+
+# ----- the generator --------------------------------------------------------------------------
+
+def _as_int_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (int, np.integer)):
+        return [int(x)]
+    return [int(v) for v in x]
+
+
+def _per_row(value, rows: int, dtype, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        return np.full((rows,), arr, dtype)
+    if arr.shape != (rows,):
+        raise ValueError(f"{name} must be a scalar or have one value per row ({rows}), got shape {arr.shape}")
+    return arr
+
+
+class Generator:
+    """A model prepared for generation: split once, optionally placed on a mesh.
+
+    `Generator(model, mesh=mesh)` places the parameters with `llava_jax.sharding.state_shardings`
+    and runs every jitted call under `jax.set_mesh(mesh)`.
+    """
+
+    def __init__(self, model, mesh=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.config = model.config
+        self.graphdef, state = nnx.split(model)
+        self.mesh = mesh
+        if mesh is not None:
+            from llava_jax.sharding import state_shardings
+
+            with jax.set_mesh(mesh):
+                state = jax.device_put(state, state_shardings(state, mesh))
+        self.state = state
+        self.chunk_size = int(chunk_size)
+
+    def _mesh_context(self):
+        import contextlib
+
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _check_images(self, input_ids, attention_mask, pixel_values):
+        per_image = self.config.num_image_tokens
+        placeholders = int(np.sum((input_ids == self.config.image_token_id) & (attention_mask != 0)))
+        if placeholders % per_image:
+            raise ValueError(f"input_ids hold {placeholders} image placeholder tokens "
+                             f"(id {self.config.image_token_id}), not a multiple of the "
+                             f"{per_image} tokens per image")
+        needed = placeholders // per_image
+        if pixel_values is None:
+            available = 0
+        elif pixel_values.ndim == 4:
+            available = pixel_values.shape[0]
+        else:
+            available = pixel_values.shape[0] * pixel_values.shape[1]
+        if needed > available:
+            raise ValueError(f"input_ids hold placeholders for {needed} image(s) but pixel_values "
+                             f"has {available}")
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=32,
+                 temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
+                 stop=None, tokenizer=None, stream_callback: Optional[Callable] = None,
+                 stop_per_row: Optional[Sequence] = None, return_finish_reasons: bool = False):
+        """See `generate` (module level). Sampling arguments may also be given per row, and
+        `stop_per_row` gives each row its own stop list (instead of `stop`). With
+        `return_finish_reasons` -> (tokens, reasons): per row 'eos', 'stop' or 'length'."""
+        input_ids = np.asarray(input_ids, np.int32)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        rows, length = input_ids.shape
+        mask = (np.ones_like(input_ids) if attention_mask is None
+                else np.asarray(attention_mask, np.int32).reshape(rows, length))
+        if not np.all(mask[:, -1] == 1):
+            raise ValueError("prompts must be left-padded: the last position of every row must be a "
+                             "real token (attention_mask[:, -1] == 1)")
+        if pixel_values is not None:
+            pixel_values = np.asarray(pixel_values, np.float32)
+            if pixel_values.ndim not in (4, 5):
+                raise ValueError(f"pixel_values must be (N, H, W, 3) or (B, M, H, W, 3), "
+                                 f"got shape {pixel_values.shape}")
+        self._check_images(input_ids, mask, pixel_values)
+        limits = _per_row(max_new_tokens, rows, np.int32, "max_new_tokens")
+        if np.any(limits < 1):
+            raise ValueError(f"max_new_tokens must be >= 1, got {limits.tolist()}")
+        width = int(limits.max())
+        eos_ids = _as_int_list(self.config.text.eos_token_id if eos_token_id is None else eos_token_id)
+        pad_id = int(self.config.pad_token_id if pad_token_id is None else pad_token_id)
+        temperature = _per_row(temperature, rows, np.float32, "temperature")
+        top_k = _per_row(top_k, rows, np.int32, "top_k")
+        top_p = _per_row(top_p, rows, np.float32, "top_p")
+        seeds = _per_row(seed, rows, np.uint32, "seed")
+        if np.any(temperature < 0) or np.any(top_k < 0) or np.any((top_p <= 0) | (top_p > 1)):
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if stop_per_row is not None and len(stop_per_row) != rows:
+            raise ValueError(f"stop_per_row has {len(stop_per_row)} entries for {rows} rows")
+        matchers = [_StopMatcher(stop_per_row[b] if stop_per_row is not None else stop, tokenizer)
+                    for b in range(rows)]
+        reasons = ["length"] * rows
+
+        # Bucketed shapes: extra rows are finished from the start; extra prompt positions are left
+        # padding; extra images are zeros that no placeholder refers to.
+        padded_rows, padded_len = batch_bucket(rows), prompt_bucket(length)
+        ids = np.full((padded_rows, padded_len), self.config.pad_token_id, np.int32)
+        ids[:rows, padded_len - length:] = input_ids
+        full_mask = np.zeros((padded_rows, padded_len), np.int32)
+        full_mask[:rows, padded_len - length:] = mask
+        full_mask[rows:, -1] = 1  # filler rows get one real token so their attention is defined
+        if pixel_values is not None:
+            if pixel_values.ndim == 4:
+                extra = _next_power_of_two(pixel_values.shape[0]) - pixel_values.shape[0]
+            else:
+                extra = padded_rows - rows
+            pixel_values = np.concatenate(
+                [pixel_values, np.zeros((extra,) + pixel_values.shape[1:], np.float32)])
+
+        def pad_rows(x, fill):
+            return np.concatenate([x, np.full((padded_rows - rows,), fill, x.dtype)])
+
+        sample = bool(np.any(temperature > 0))
+        keys = jax.vmap(jax.random.key)(pad_rows(seeds, 0))
+        sampling = (pad_rows(temperature, 0), pad_rows(top_k, 0), pad_rows(top_p, 1), keys)
+        cache_length = padded_len + _round_up(width, _NEW_TOKENS_ROUNDING)
+        limits_padded = pad_rows(limits, 1)
+
+        out = np.full((rows, width), pad_id, np.int32)
+        generated = [[] for _ in range(rows)]
+        finished = np.zeros(rows, bool)
+
+        def record(step_tokens):
+            """Append one step's tokens to unfinished rows, stream them, apply stop criteria."""
+            active = ~finished
+            step_tokens = np.where(active, step_tokens, pad_id).astype(np.int32)
+            for b in np.flatnonzero(active):
+                token = int(step_tokens[b])
+                out[b, len(generated[b])] = token
+                generated[b].append(token)
+                if token in eos_ids:
+                    finished[b], reasons[b] = True, "eos"
+                elif matchers[b] and matchers[b].matches(generated[b]):
+                    finished[b], reasons[b] = True, "stop"
+                elif len(generated[b]) >= limits[b]:
+                    finished[b] = True
+            if stream_callback is not None:
+                stream_callback(step_tokens, active)
+
+        with self._mesh_context():
+            first, position, cache = _prefill(self.graphdef, self.state, ids, full_mask, pixel_values, sampling,
+                                              cache_length=cache_length, sample=sample)
+            record(np.asarray(first)[:rows])
+            token, steps_done = first, 1
+            count = jnp.ones((padded_rows,), jnp.int32)
+            eos = jnp.asarray(eos_ids if eos_ids else [-1], jnp.int32)
+            while not finished.all():
+                done = pad_rows(finished, True)
+                chunk, steps, token, position, cache, _, count = _decode_chunk(
+                    self.graphdef, self.state, cache, token, position, done, count, limits_padded,
+                    jnp.int32(steps_done), sampling, eos, jnp.int32(pad_id),
+                    num_steps=self.chunk_size, sample=sample)
+                chunk, steps = np.asarray(chunk), int(steps)
+                if steps == 0:  # cannot happen while the jitted and Python stop rules agree
+                    raise RuntimeError("decode made no progress although some rows are unfinished")
+                for i in range(steps):
+                    if finished.all():
+                        break
+                    record(chunk[:rows, i])
+                steps_done += steps
+        return (out, reasons) if return_finish_reasons else out
+
+
+def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             stop: Optional[Sequence[Union[str, Sequence[int]]]] = None, tokenizer=None,
+             stream_callback: Optional[Callable] = None, mesh=None) -> np.ndarray:
+    """Generate up to `max_new_tokens` tokens per row -> int32 numpy array (batch, max_new_tokens).
+
+    model: an `LlavaModel` (or a `Generator` already built from one).
+    input_ids: int32 (B, S), rows left-padded (attention_mask zeros on the left), image placeholders
+      expanded (`num_image_tokens` copies of `image_token_id` per image).
+    pixel_values: float32 (N, H, W, 3), preprocessed, in placeholder order.
+    temperature 0 is greedy; otherwise sampling from softmax(logits / temperature) restricted to the
+      top_k tokens (0 = all) and to the top_p nucleus; the PRNG key comes from `seed` (per row:
+      `jax.random.key(seed)`).
+    eos_token_id: int or ids that finish a row (included in the output); None = the model config's,
+      [] = never. pad_token_id fills finished rows; None = the model config's.
+    stop: token-id sequences and/or strings (strings need `tokenizer`): a row finishes after the
+      token that completes a match (the matching tokens are included in the output).
+    stream_callback(tokens, active): called once per step with the new token of every row (int32
+      (B,)) and which rows were still generating (bool (B,)); finished rows hold the pad id.
+    mesh: place the parameters over this mesh (`llava_jax.sharding.make_mesh`) for big models.
+    """
+    generator = model if isinstance(model, Generator) else Generator(model, mesh=mesh)
+    return generator.generate(input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
+                              tokenizer=tokenizer, stream_callback=stream_callback)

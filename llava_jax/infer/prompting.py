@@ -1,0 +1,213 @@
+"""From chat turns and images to model inputs, and from generated tokens back to text.
+
+Rendering and tokenization are llava_jax.data.conversation's (the training templates), image
+preprocessing is llava_jax.data.image's; this module only wires them together for inference and
+adds incremental detokenization for streaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from llava_jax.data import conversation, image as image_lib
+
+DEFAULT_TEMPLATE = "vicuna_v1"
+DEFAULT_IMAGE_ASPECT = "pad"
+# Written next to config.json by training / conversion: {"template": ..., "image_aspect": ...}, or a
+# training config with those keys under "data". Optional: defaults are LLaVA-1.5's.
+CHAT_SETTINGS_FILES = ("inference.json", "train_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSettings:
+    template: str = DEFAULT_TEMPLATE
+    image_aspect: str = DEFAULT_IMAGE_ASPECT
+
+
+def chat_settings(ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None) -> ChatSettings:
+    """Template and image aspect for a checkpoint: explicit arguments, else what the checkpoint
+    records, else vicuna_v1 / pad."""
+    recorded = {}
+    from llava_jax.checkpoint import model_root
+
+    root = model_root(ckpt)
+    for name in CHAT_SETTINGS_FILES:
+        file = os.path.join(root, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                d = json.load(f)
+            d = d.get("data", d) if isinstance(d, dict) else {}
+            recorded = {k: d[k] for k in ("template", "image_aspect") if isinstance(d.get(k), str)}
+            break
+    # A stage-1 ('plain') checkpoint has no chat format; chatting with it still uses its template.
+    settings = ChatSettings(template=template or recorded.get("template", DEFAULT_TEMPLATE),
+                            image_aspect=image_aspect or recorded.get("image_aspect", DEFAULT_IMAGE_ASPECT))
+    conversation.get_template(settings.template)  # fail early on an unknown name
+    if settings.image_aspect not in image_lib.ASPECTS:
+        raise ValueError(f"unknown image aspect {settings.image_aspect!r}; expected one of {image_lib.ASPECTS}")
+    return settings
+
+
+class PromptBuilder:
+    """Turns [(role, text, has_image)] + images into (input_ids, pixel_values) for one row."""
+
+    def __init__(self, tokenizer, config, settings: ChatSettings = ChatSettings()):
+        self.tokenizer, self.config, self.settings = tokenizer, config, settings
+
+    def pixels(self, image) -> np.ndarray:
+        """A path, bytes, PIL image or uint8 array -> normalized float32 (size, size, 3)."""
+        return image_lib.preprocess(image, self.config.vision.image_size, self.settings.image_aspect)
+
+    def input_ids(self, turns: Sequence[tuple]) -> np.ndarray:
+        """turns: (role 'user'|'assistant', text, has_image), alternating, starting and ending with
+        'user'. A user turn with an image gets the <image> placeholder (placed first, as in training)."""
+        records = []
+        for role, text, has_image in turns:
+            if conversation.IMAGE_PLACEHOLDER in text:
+                text = text.replace(conversation.IMAGE_PLACEHOLDER, "")  # only real images get a slot
+            if has_image:
+                text = conversation.IMAGE_PLACEHOLDER + "\n" + text
+            records.append({"from": "human" if role == "user" else "gpt", "value": text})
+        prompt = conversation.generation_prompt(records, self.settings.template)
+        return conversation.encode_prompt(prompt, self.tokenizer, self.config.image_token_id,
+                                          self.config.num_image_tokens)
+
+
+def left_pad(rows: Sequence[np.ndarray], pad_id: int):
+    """Token rows of different lengths -> (input_ids, attention_mask), padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+class TextStream:
+    """Incremental detokenization for streaming: feed token ids, get the new text since last time.
+
+    Decoding token by token is wrong for multi-byte characters and for tokenizers that add spaces
+    depending on context, so it decodes the whole answer each time and emits the new suffix, holding
+    back an incomplete character ('\\ufffd' at the end), everything while the answer ends in
+    sentencepiece byte-fallback pieces ('<0x88>': a run of them is decoded together, so a later byte
+    can turn an earlier one into '\\ufffd'), and any tail that could still become one of the stop
+    strings. The final text is cut before the first stop string (OpenAI's `stop`).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self._byte_piece = {}
+        self.stop = [s for s in stop if s]
+        self.tokens: list = []
+        self.emitted = 0
+        self.stopped = False
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return text[:cut]
+        return text
+
+    def _held_back(self, text: str) -> int:
+        held = 0
+        if text.endswith("\ufffd"):
+            held = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    held = max(held, n)
+                    break
+        return held
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text that became final (possibly '')."""
+        if self.stopped:
+            return ""
+        self.tokens.append(int(token))
+        if self._is_byte_piece(int(token)):
+            return ""
+        text = self.text()
+        end = len(text) if self.stopped else len(text) - self._held_back(text)
+        if end <= self.emitted:
+            return ""
+        delta, self.emitted = text[self.emitted:end], end
+        return delta
+
+    def _is_byte_piece(self, token: int) -> bool:
+        if token not in self._byte_piece:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            self._byte_piece[token] = (isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x")
+                                       and piece.endswith(">"))
+        return self._byte_piece[token]
+
+    def finish(self) -> str:
+        """The rest of the text once no more tokens come."""
+        text = self.text()
+        delta, self.emitted = text[self.emitted:], len(text)
+        return delta
+
+
+class ChatModel:
+    """A checkpoint ready to chat: model (as a Generator), tokenizer, template and image settings.
+
+    `reply(turns, images, ...)` answers the conversation so far; chat.py and server.py use it.
+    """
+
+    def __init__(self, generator, tokenizer, settings: ChatSettings = ChatSettings()):
+        self.generator = generator
+        self.config = generator.config
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.prompts = PromptBuilder(tokenizer, self.config, settings)
+        eos = {int(self.config.text.eos_token_id)}
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = sorted(eos)
+        self.pad_id = int(self.config.pad_token_id)
+
+    @classmethod
+    def load(cls, ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None,
+             mesh=None, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
+             chunk_size: Optional[int] = None) -> "ChatModel":
+        """dtype: compute dtype override ('bfloat16' on TPU); param_dtype: 'bfloat16' halves the
+        parameter memory for inference; mesh: shard the parameters over it."""
+        from llava_jax.checkpoint import load_pretrained, load_tokenizer
+        from llava_jax.infer.generate import DEFAULT_CHUNK_SIZE, Generator
+
+        model, _ = load_pretrained(ckpt, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+        generator = Generator(model, mesh=mesh, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+        return cls(generator, load_tokenizer(ckpt), chat_settings(ckpt, template, image_aspect))
+
+    def encode(self, turns: Sequence[tuple], images: Sequence = ()):
+        """-> (input_ids (S,), pixel_values (N, H, W, 3) or None) for one conversation."""
+        ids = self.prompts.input_ids(turns)
+        pixels = np.stack([self.prompts.pixels(im) for im in images]) if len(images) else None
+        return ids, pixels
+
+    def reply(self, turns: Sequence[tuple], images: Sequence = (), *, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, on_text=None) -> str:
+        """The assistant's answer to `turns` (ending with a user turn); `on_text(delta)` streams it."""
+        ids, pixels = self.encode(turns, images)
+        stream = TextStream(self.tokenizer)
+
+        def callback(tokens, active):
+            # Every answer token passes through here (EOS excluded), so `stream.tokens` is the answer.
+            if active[0] and int(tokens[0]) not in self.eos_ids:
+                delta = stream.push(int(tokens[0]))
+                if delta and on_text is not None:
+                    on_text(delta)
+
+        self.generator.generate(ids[None], pixels, None, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, eos_token_id=self.eos_ids,
+                                pad_token_id=self.pad_id, stream_callback=callback)
+        rest = stream.finish()
+        if rest and on_text is not None:
+            on_text(rest)
+        return stream.text()

@@ -1,0 +1,265 @@
+"""Building blocks shared by the CLIP tower, the projector and the LLaMA decoder.
+
+Parameters are float32 and carry logical axis names (`out_sharding=`) that llava_jax.sharding maps
+onto the mesh; every module computes in the `dtype` it was built with.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax import sharding
+
+Axes = tuple  # logical axis names, one per array dimension
+
+ACT_SHAPE = ("act_batch", "act_seq", "act_embed")
+
+# Name -> jax.checkpoint policy; 'none' means layers are not rematerialised at all.
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def normal_init(std: float = 0.02):
+    return jax.nn.initializers.normal(std)
+
+
+def param(rngs: nnx.Rngs, init, shape, axes: Axes) -> nnx.Param:
+    """A float32 parameter with its logical axis names attached as metadata."""
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(axes))
+
+
+# ----- dense layers, embeddings, norms -------------------------------------------------------
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel stored (in, out)."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = param(rngs, normal_init(), (in_features, out_features), axes)
+        self.bias = param(rngs, jax.nn.initializers.zeros, (out_features,), axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = param(rngs, normal_init(), (num_embeddings, features), axes)
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        # Gather the fsdp-split embed axis first (as FSDP does for every weight); a lookup into a
+        # table split along both axes makes the partitioner replicate the whole table.
+        table = sharding.constrain(self.embedding[...], ("vocab", None))
+        out = jnp.take(table, ids, axis=0).astype(self.dtype)
+        return sharding.constrain(out, ACT_SHAPE)
+
+    def attend(self, x):
+        """Tied output projection: x @ embedding.T."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with statistics in float32 (as torch does for fp16/bf16 inputs)."""
+
+    def __init__(self, features: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, jax.nn.initializers.ones, (features,), ("norm",))
+        self.bias = param(rngs, jax.nn.initializers.zeros, (features,), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: normalise in float32, cast to the compute dtype, then scale (HF order)."""
+
+    def __init__(self, features: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, jax.nn.initializers.ones, (features,), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+# ----- activations and MLPs -------------------------------------------------------------------
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class FeedForward(nnx.Module):
+    """fc1 -> activation -> fc2 with biases (the CLIP MLP)."""
+
+    def __init__(self, features: int, hidden: int, act: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.fc1 = Dense(features, hidden, axes=("embed", "mlp"), use_bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = Dense(hidden, features, axes=("mlp", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        h = sharding.constrain(self.act(self.fc1(x)), ("act_batch", "act_seq", "act_mlp"))
+        return self.fc2(h)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases (the LLaMA MLP)."""
+
+    def __init__(self, features: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.gate_proj = Dense(features, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up_proj = Dense(features, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(hidden, features, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(sharding.constrain(h, ("act_batch", "act_seq", "act_mlp")))
+
+
+# ----- rotary position embeddings -----------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+    """Inverse frequencies (head_dim // 2,), float32, with 'linear' or 'llama3' scaling (HF formulas)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_scaling type {scaling.rope_type!r}; expected 'linear' or 'llama3'")
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (the HF layout). x (B, S, H, hd), positions (B, S) int."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (B, S, hd/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ----- attention ------------------------------------------------------------------------------
+
+def attention_mask(q_segment, kv_segment, q_index=None, kv_index=None):
+    """Boolean (B, S, T): same nonzero segment and, when slot indices are given, kv_index <= q_index.
+
+    q_index (S,) and kv_index (T,) are slot numbers in the key/value sequence (not RoPE positions),
+    so the same rule serves padded, packed and cached calls.
+    """
+    mask = (q_segment[:, :, None] == kv_segment[:, None, :]) & (q_segment[:, :, None] != 0)
+    if q_index is not None:
+        mask = mask & (kv_index[None, None, :] <= q_index[None, :, None])
+    return mask
+
+
+def dot_product_attention(q, k, v, mask=None):
+    """q (B, S, H, hd); k, v (B, T, KVH, hd) with H a multiple of KVH (GQA); mask (B, S, T) or None.
+
+    Logits and softmax in float32. Fully masked rows (padding queries) give finite garbage that the
+    caller never uses.
+    """
+    b, s, h, hd = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, s, kvh, h // kvh, hd)
+    logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, hd)
+
+
+# ----- stacked layers -------------------------------------------------------------------------
+
+def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs):
+    """One module whose parameters carry a leading (num_layers,) axis named 'layers'."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(r):
+        return make_layer(r)
+
+    return create(rngs)
+
+
+def build(factory: Callable[[nnx.Rngs], object], rngs: nnx.Rngs):
+    """factory(rngs) compiled as one program: eager construction would compile every random
+    initializer op by op, which dominates start-up time on CPU (seconds for even a tiny model)."""
+    return nnx.jit(factory)(rngs)
+
+
+def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat_policy: str = "none",
+                num_layers: Optional[int] = None):
+    """Run `body(layer, carry, x) -> (carry, y)` over stacked layers with jax.lax.scan.
+
+    Each step is wrapped in jax.checkpoint with the named policy. `num_layers` runs only the first
+    layers of the stack (the vision tower never computes layers past the deepest feature layer).
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(layers)
+    if num_layers is not None:
+        state = jax.tree.map(lambda a: a[:num_layers], state)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    if remat_policy != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+def resolve_dtype(name) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def constrain_act(x, names: Sequence[Optional[str]] = ACT_SHAPE):
+    return sharding.constrain(x, names)

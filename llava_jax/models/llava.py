@@ -1,0 +1,121 @@
+"""LlavaModel: CLIP tower -> projector -> features spliced into the LLaMA input embeddings.
+
+The API and semantics are pinned down in docs/internals.md ("The model").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.models import layers as L
+from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.config import LlavaConfig, config_from_any
+from llava_jax.models.llama import LlamaModel, default_positions, default_segment_ids
+from llava_jax.models.projector import Projector, projector_depth
+
+
+def _concrete(x) -> Optional[np.ndarray]:
+    """x as numpy when it is a concrete value, None when it is traced."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+class LlavaModel(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        config = config_from_any(config)
+        self.config = config
+        # Fail on a bad projector type before anything is compiled.
+        projector_depth(config.projector_type)
+        self.vision_tower, self.projector, self.language_model = L.build(lambda r: (
+            CLIPVisionTower(config.vision, dtype=config.dtype, remat_policy=config.remat_policy, rngs=r),
+            Projector(config.projector_type, config.vision_feature_dim, config.text.hidden_size,
+                      dtype=config.dtype, rngs=r),
+            LlamaModel(config.text, dtype=config.dtype, remat_policy=config.remat_policy, rngs=r)), rngs)
+
+    # ----- vision -------------------------------------------------------------------------------
+    def image_features(self, pixel_values):
+        """(N, H, W, 3) normalized pixels -> projected features (N, T, D_text), T = num_image_tokens.
+
+        The vision tower is always frozen in LLaVA, so no gradient flows into it."""
+        cfg = self.config
+        selected = self.vision_tower.select_hidden_states(pixel_values, cfg.feature_layers)
+        if cfg.vision_feature_select_strategy == "default":
+            selected = tuple(h[:, 1:] for h in selected)
+        feats = jax.lax.stop_gradient(jnp.concatenate(selected, axis=-1))
+        return self.projector(feats)
+
+    def _splice_images(self, input_ids, embeds, pixel_values):
+        """Replace each placeholder's embedding by the next image feature token (see internals.md)."""
+        cfg = self.config
+        t = cfg.num_image_tokens
+        is_image = input_ids == cfg.image_token_id
+        ids = _concrete(input_ids)
+        if pixel_values.ndim == 4:
+            n = pixel_values.shape[0]
+            if ids is not None:
+                self._check_counts(int((ids == cfg.image_token_id).sum()), n, "")
+            # Any row may take any image, so every device needs all features (they are small).
+            feats = L.constrain_act(self.image_features(pixel_values).reshape(n * t, -1), (None, "act_embed"))
+            order = jnp.cumsum(is_image.reshape(-1)) - 1
+            gathered = jnp.take(feats, jnp.clip(order, 0, n * t - 1), axis=0).reshape(embeds.shape)
+        elif pixel_values.ndim == 5:
+            b, m = pixel_values.shape[:2]
+            if ids is not None:
+                for row, count in enumerate((ids == cfg.image_token_id).sum(axis=1)):
+                    self._check_counts(int(count), m, f" in row {row} (pixel_values has {m} image slots per row)")
+            feats = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:])).reshape(b, m * t, -1)
+            feats = L.constrain_act(feats, ("act_batch", None, "act_embed"))
+            order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, m * t - 1)
+            gathered = jnp.take_along_axis(feats, order[..., None], axis=1)
+        else:
+            raise ValueError(f"pixel_values must be (N, H, W, 3) or (B, M, H, W, 3); got shape {pixel_values.shape}")
+        return L.constrain_act(jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds))
+
+    def _check_counts(self, placeholders: int, images: int, where: str):
+        t = self.config.num_image_tokens
+        if placeholders % t or placeholders > images * t:
+            raise ValueError(
+                f"image placeholder count mismatch{where}: input_ids hold {placeholders} placeholder tokens "
+                f"(image_token_id={self.config.image_token_id}) but pixel_values give {images} images x {t} "
+                f"tokens = {images * t} image features; placeholders must be a whole number of images "
+                f"and no more than the features")
+
+    # ----- language -----------------------------------------------------------------------------
+    def _inputs(self, input_ids, pixel_values, attention_mask, segment_ids, positions, cache):
+        input_ids = jnp.asarray(input_ids)
+        segment_ids = default_segment_ids(input_ids, attention_mask, segment_ids)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions must be passed explicitly when a KV cache is used")
+            positions = default_positions(segment_ids)
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is not None:
+            embeds = self._splice_images(input_ids, embeds, jnp.asarray(pixel_values))
+        return embeds, segment_ids, jnp.asarray(positions, jnp.int32)
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None,
+                      positions=None):
+        """Final-normed hidden states (B, S, D) in the compute dtype."""
+        embeds, segment_ids, positions = self._inputs(input_ids, pixel_values, attention_mask, segment_ids,
+                                                      positions, None)
+        return self.language_model.decode(embeds, segment_ids, positions)[0]
+
+    def logits_from_hidden(self, h):
+        return self.language_model.logits(h)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        return self.language_model.init_cache(batch_size, max_length, dtype)
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None, positions=None,
+                 cache=None):
+        embeds, segment_ids, positions = self._inputs(input_ids, pixel_values, attention_mask, segment_ids,
+                                                      positions, cache)
+        h, new_cache = self.language_model.decode(embeds, segment_ids, positions, cache)
+        logits = self.language_model.logits(h)
+        return logits if cache is None else (logits, new_cache)

@@ -1,0 +1,150 @@
+"""CLIP-style pretraining of the vision tower: images against their captions, symmetric InfoNCE.
+
+The image side is the project's CLIP vision tower (the module LLaVA later freezes) with CLIP's
+visual projection of the pooled CLS token. The text side is a tiny causal transformer built from
+the project's LLaMA decoder, pooled at each caption's last token as CLIP's text tower pools at EOT.
+Only the vision tower is kept afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from llava_jax.models import layers as L
+from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.config import TextConfig, VisionConfig
+from llava_jax.models.llama import LlamaModel, default_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    embed_dim: int = 64
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    batch_size: int = 128
+    steps: int = 200
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+class TextEncoder(nnx.Module):
+    """Causal LLaMA-style transformer; the caption embedding is the hidden state of its last token."""
+
+    def __init__(self, vocab_size: int, cfg: ContrastiveConfig, max_length: int, *, rngs: nnx.Rngs):
+        text = TextConfig(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
+                          num_layers=cfg.text_layers, num_heads=cfg.text_heads, num_kv_heads=cfg.text_heads,
+                          max_position_embeddings=max_length, tie_word_embeddings=True)
+        self.transformer = LlamaModel(text, rngs=rngs)
+        self.projection = L.Dense(cfg.text_hidden, cfg.embed_dim, axes=("embed", None), rngs=rngs)
+
+    def __call__(self, token_ids, lengths):
+        segment_ids = (jnp.arange(token_ids.shape[1])[None] < lengths[:, None]).astype(jnp.int32)
+        hidden, _ = self.transformer.decode(self.transformer.embed(token_ids), segment_ids,
+                                            default_positions(segment_ids))
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self.projection(last)
+
+
+class ContrastiveModel(nnx.Module):
+    def __init__(self, vision: VisionConfig, vocab_size: int, cfg: ContrastiveConfig, max_length: int, *,
+                 rngs: nnx.Rngs):
+        self.vision_tower = CLIPVisionTower(vision, rngs=rngs)
+        self.visual_projection = L.Dense(vision.hidden_size, cfg.embed_dim, axes=("embed", None), rngs=rngs)
+        self.text_encoder = TextEncoder(vocab_size, cfg, max_length, rngs=rngs)
+        # CLIP's learnable temperature, initialised to 1/0.07 and capped at 100.
+        self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+
+    def embed_images(self, pixels):
+        return _unit(self.visual_projection(self.vision_tower(pixels).pooler_output))
+
+    def embed_texts(self, token_ids, lengths):
+        return _unit(self.text_encoder(token_ids, lengths))
+
+    def loss(self, pixels, token_ids, lengths):
+        """Symmetric cross-entropy over the batch's image-caption similarity matrix, and accuracy."""
+        image, text = self.embed_images(pixels), self.embed_texts(token_ids, lengths)
+        logits = jnp.exp(jnp.minimum(self.logit_scale[...], math.log(100.0))) * image @ text.T
+        labels = jnp.arange(logits.shape[0])
+        loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                      + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+        accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
+        return loss, accuracy
+
+
+def _unit(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
+
+
+def tokenize_captions(captions: list, tokenize: Callable, max_length: int) -> tuple:
+    """N lists of K captions -> token ids (N, K, max_length) int32 (zero padded) and lengths (N, K)."""
+    n, k = len(captions), len(captions[0])
+    ids = np.zeros((n, k, max_length), np.int32)
+    lengths = np.zeros((n, k), np.int32)
+    for i, options in enumerate(captions):
+        if len(options) != k:
+            raise ValueError(f"image {i} has {len(options)} captions; every image needs {k}")
+        for j, caption in enumerate(options):
+            row = tokenize(caption)[:max_length]
+            ids[i, j, :len(row)] = row
+            lengths[i, j] = len(row)
+    return ids, lengths
+
+
+def pair_batches(images: np.ndarray, caption_ids: np.ndarray, caption_lengths: np.ndarray, batch_size: int,
+                 seed: int):
+    """Grain pipeline of shuffled (image, one of its captions) batches, repeating forever.
+
+    Each epoch is a new shuffle and takes the next caption of every image. Arrays are gathered in
+    one numpy indexing per batch: per-item Python work would cost more than the step itself.
+    """
+    n, k = caption_lengths.shape
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+    ds = ds.map_with_index(lambda pos, index: (index, (pos // n + index) % k)).batch(batch_size, drop_remainder=True)
+
+    def gather(pairs):
+        index, which = pairs
+        return {"pixels": images[index], "token_ids": caption_ids[index, which],
+                "lengths": caption_lengths[index, which]}
+
+    return ds.map(gather)
+
+
+def train(vision: VisionConfig, images: np.ndarray, captions: list, tokenize: Callable, vocab_size: int,
+          cfg: ContrastiveConfig, max_length: int = 48, progress: Optional[Callable] = None):
+    """Train image and text towers contrastively; returns (vision tower module, per-step metrics)."""
+    model = ContrastiveModel(vision, vocab_size, cfg, max_length, rngs=nnx.Rngs(cfg.seed))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            return nnx.merge(graphdef, p).loss(batch["pixels"], batch["token_ids"], batch["lengths"])
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    caption_ids, caption_lengths = tokenize_captions(captions, tokenize, max_length)
+    data = pair_batches(images, caption_ids, caption_lengths, cfg.batch_size, cfg.seed)
+    history = []
+    for i in range(cfg.steps):
+        params, opt_state, loss, accuracy = step(params, opt_state, data[i])
+        history.append({"step": i + 1, "loss": float(loss), "accuracy": float(accuracy)})
+        if progress is not None:
+            progress(history[-1])
+    model = nnx.merge(graphdef, params)
+    return model.vision_tower, history

@@ -1,0 +1,366 @@
+"""`llava-jax train --config configs/X.py:ARG --workdir DIR [--config.key=value ...]`
+
+Creates (or resumes) the sharded train state, streams this host's shard of the data, runs the
+jitted step, logs metrics, and checkpoints asynchronously. Re-running the same command resumes from
+the latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llava_jax import checkpoint, sharding
+from llava_jax.models.config import config_from_any
+from llava_jax.train import flops as flops_lib
+from llava_jax.train import optim
+from llava_jax.train import step as step_lib
+from llava_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger("llava_jax.train")
+
+
+# ----- command line ---------------------------------------------------------------------------
+
+def parse_flags(argv):
+    """absl flags on a private FlagValues, so main(argv) can run more than once per process."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["llava-jax train"] + list(argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config: configs/X.py[:ARG]", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, config.json, tokenizer",
+                        flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU pods detect the "
+                      "cluster themselves; elsewhere give the three flags below)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show a tqdm progress bar", flag_values=fv)
+    fv(argv)
+    if fv.config is None:
+        raise SystemExit("llava-jax train: --config configs/X.py[:ARG] is required")
+    if not fv.workdir:
+        raise SystemExit("llava-jax train: --workdir DIR is required")
+    return fv
+
+
+def init_distributed(enabled: bool = False, coordinator_address: Optional[str] = None,
+                     num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
+    """Join a multi-process job. On TPU pods jax finds the cluster itself (enabled=True)."""
+    if coordinator_address:
+        if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            # CPU processes need a collectives backend to talk to each other.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    elif enabled:
+        jax.distributed.initialize()
+
+
+def main(argv) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fv = parse_flags(argv)
+    init_distributed(fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id)
+    result = train(fv.config, fv.workdir, progress=fv.progress)
+    return 0 if result["status"] in ("finished", "preempted") else 1
+
+
+# ----- pieces ---------------------------------------------------------------------------------
+
+def resolve_tokenizer(config, workdir: Optional[str] = None):
+    """config.tokenizer (a folder), else init.base's checkpoint folder, else the one a previous run
+    saved in the workdir; for the synthetic source without any, a small tokenizer is built."""
+    from transformers import AutoTokenizer
+
+    if config.tokenizer:
+        return AutoTokenizer.from_pretrained(config.tokenizer)
+    if config.init.base:
+        return checkpoint.load_tokenizer(config.init.base)
+    if workdir and checkpoint.tokenizer_files(workdir):
+        return AutoTokenizer.from_pretrained(workdir)
+    if config.data.source == "synthetic":
+        return synthetic_tokenizer(config)
+    raise ValueError("no tokenizer: set --config.tokenizer=FOLDER or --config.init.base=MODEL_FOLDER "
+                     f"(data.source={config.data.source!r} needs one)")
+
+
+def synthetic_tokenizer(config, max_records: int = 512):
+    """A BPE tokenizer trained on the synthetic source's rendered text, sized to the model: its base
+    vocabulary fills the ids below image_token_id and `<image>` takes image_token_id (llava-hf
+    convention). Deterministic, so a resumed run rebuilds the same one (it is also saved in the workdir)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llava_jax.data import conversation as conv
+    from llava_jax.data.pipeline import make_source
+
+    mc = config_from_any(config.model)
+    base_size = int(mc.image_token_id)
+    source = make_source(config, mc, "train")
+    texts = [conv.render(source[i]["conversations"], config.data.template).replace(conv.IMAGE_PLACEHOLDER, " ")
+             for i in range(min(len(source), max_records))]
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=base_size, special_tokens=specials,
+                                                       show_progress=False))
+    if tok.get_vocab_size() > base_size:
+        raise ValueError(f"synthetic tokenizer: the text needs {tok.get_vocab_size()} base tokens but the "
+                         f"model's image_token_id={base_size} leaves room for {base_size}")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>", padding_side="right")
+    filler = base_size - len(fast)
+    if filler > 0:  # unused ids so that <image> lands on image_token_id
+        fast.add_tokens([f"<unused_{i}>" for i in range(filler)], special_tokens=True)
+    fast.add_tokens(["<image>"], special_tokens=True)
+    if fast.convert_tokens_to_ids("<image>") != mc.image_token_id or len(fast) > mc.text.vocab_size:
+        raise ValueError(f"synthetic tokenizer: <image> got id {fast.convert_tokens_to_ids('<image>')}, "
+                         f"expected {mc.image_token_id}; {len(fast)} tokens for vocab_size {mc.text.vocab_size}")
+    return fast
+
+
+def default_data_factory(config, tokenizer, model_config, *, process_index, process_count, split="train"):
+    from llava_jax.data.pipeline import make_train_iterator
+
+    return make_train_iterator(config, tokenizer, model_config, process_index=process_index,
+                               process_count=process_count, split=split)
+
+
+def resolve_total_steps(config, data_iter) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    size = getattr(data_iter, "num_records", None)
+    if not size:
+        raise ValueError("config.total_steps is 0 but the data iterator does not report its size "
+                         "(num_records); set --config.total_steps=N")
+    return max(1, int(config.num_epochs * size) // int(config.global_batch_size))
+
+
+def num_microbatches(config) -> int:
+    mb = int(config.microbatch_size or 0)
+    if mb <= 0 or mb >= config.global_batch_size:
+        return 1
+    if config.global_batch_size % mb:
+        raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of "
+                         f"microbatch_size {mb}")
+    return config.global_batch_size // mb
+
+
+def to_global_batch(local: dict, mesh) -> dict:
+    """This host's rows -> global jax arrays split over ("data", "fsdp")."""
+    missing = [k for k in step_lib.BATCH_KEYS if k not in local]
+    if missing:
+        raise KeyError(f"training batch lacks {missing}; it has {sorted(local)}")
+    out = {}
+    for key in step_lib.BATCH_KEYS:
+        value = np.asarray(local[key])
+        out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
+    return out
+
+
+def load_initial_weights(config, state: dict, layout) -> dict:
+    """Overwrite the random init with init.base (any parameters it holds) and init.stage1's projector."""
+    full_target = step_lib.merged_params(layout.abstract)
+    loaded = {}
+    if config.init.base:
+        loaded = checkpoint.restore_params_subset(config.init.base, full_target)
+        log.info("loaded %d parameter arrays from init.base=%s", len(jax.tree.leaves(loaded)), config.init.base)
+    if config.init.stage1:
+        projector = checkpoint.restore_params_subset(config.init.stage1, full_target, only=("projector",))
+        loaded = step_lib._deep_merge(loaded, projector)
+        log.info("loaded the projector from init.stage1=%s", config.init.stage1)
+    if not loaded:
+        return state
+    params, frozen = step_lib.split_params(step_lib._deep_merge(step_lib.merged_params(state), loaded), layout)
+    return dict(state, params=params, frozen=frozen)
+
+
+class _StopSignal:
+    """SIGTERM -> finish the current step, save, exit. All processes agree before stopping."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+# ----- the loop -------------------------------------------------------------------------------
+
+def train(config, workdir: str, *, data_factory: Optional[Callable] = None, progress: bool = True) -> dict:
+    """Run (or resume) training. -> {'status', 'step', 'masked_batches', 'last_metrics'}."""
+    data_factory = data_factory or default_data_factory
+    model_config = config_from_any(config.model)
+    stage = int(config.stage)
+    optim.trainable_roots(stage)  # validates the stage early
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.mesh_from_config(config.mesh)
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    tokenizer = resolve_tokenizer(config, workdir)
+    data_iter = data_factory(config, tokenizer, model_config, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    total_steps = resolve_total_steps(config, data_iter)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    layout = step_lib.state_layout(model_config, stage, tx, mesh, seed=int(config.seed))
+
+    if is_main:
+        checkpoint.write_model_files(workdir, model_config, tokenizer=tokenizer)
+    ckpt = checkpoint.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints))
+
+    start = ckpt.latest_step()
+    if start is not None:
+        params, opt_state, data_state, meta = ckpt.restore(
+            start, step_lib.merged_params(layout.abstract), layout.abstract["opt_state"])
+        trainable, frozen = step_lib.split_params(params, layout)
+        step_arr = jax.device_put(np.int32(start), layout.shardings["step"])
+        state = dict(step=step_arr, params=trainable, frozen=frozen, opt_state=opt_state)
+        data_iter.set_state(data_state)
+        masked_batches = int(meta.get("masked_batches", 0))
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+        start = 0
+        state = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed))
+        state = load_initial_weights(config, state, layout)
+        masked_batches = 0
+
+    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, num_microbatches(config),
+                             int(config.get("loss_chunk_size", 0)))
+    eval_iter_factory = _eval_factory(config, tokenizer, model_config, data_factory)
+    writer = MetricsWriter(workdir, total_steps, initial_step=start, enabled=is_main, progress=progress)
+    peak = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.peak_flops(jax.devices()[0])
+
+    status, step, last = "finished", start, {}
+    pending, timer, timed_steps, step_flops = [], None, 0, None
+    with jax.set_mesh(mesh), _StopSignal() as stop:
+        train_step = eval_step = None
+        try:
+            while step < total_steps:
+                local = next(data_iter)
+                batch = to_global_batch(local, mesh)
+                if train_step is None:
+                    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+                    train_step = step_lib.jit_train_step(spec, mesh, layout.shardings, batch_sh)
+                    b, s = batch["input_ids"].shape
+                    step_flops = flops_lib.step_flops(model_config, stage, b, s, batch["pixel_values"].shape[1])
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append(metrics)
+                if timer is None:  # the first step carries the compilation: time from its end
+                    jax.block_until_ready(metrics)
+                    timer, timed_steps = time.perf_counter(), 0
+                else:
+                    timed_steps += 1
+
+                if step % int(config.log_every) == 0 or step == total_steps:
+                    last, masked_batches = _log(writer, step, pending, timer, timed_steps, step_flops,
+                                                mesh.size, peak, masked_batches)
+                    pending, timer, timed_steps = [], time.perf_counter(), 0
+                if eval_iter_factory and config.eval_every and step % int(config.eval_every) == 0:
+                    if eval_step is None:
+                        eval_step = step_lib.jit_eval_step(spec, mesh, layout.shardings, batch_sh)
+                    eval_loss = _evaluate(eval_step, state, eval_iter_factory(), int(config.eval_batches), mesh)
+                    writer.write(step, {"loss": eval_loss}, prefix="eval_")
+                    timer = time.perf_counter()
+                writer.advance(step)
+
+                stopping = stop.should_stop()
+                if step % int(config.checkpoint_every) == 0 or step == total_steps or stopping:
+                    if pending:  # the masked-batch counter in the checkpoint must include every step
+                        last, masked_batches = _log(writer, step, pending, timer, timed_steps, step_flops,
+                                                    mesh.size, peak, masked_batches)
+                        pending, timer, timed_steps = [], time.perf_counter(), 0
+                    _save(ckpt, step, state, data_iter, config, masked_batches)
+                if stopping:
+                    status = "preempted"
+                    log.warning("SIGTERM: saved step %d; run the same command again to resume", step)
+                    break
+        finally:
+            ckpt.close()
+            writer.close()
+    return dict(status=status, step=step, masked_batches=masked_batches, last_metrics=last)
+
+
+def _save(ckpt, step, state, data_iter, config, masked_batches):
+    meta = dict(stage=int(config.stage), masked_batches=int(masked_batches), config=config.to_json())
+    ckpt.save(step, step_lib.merged_params(state), state["opt_state"], data_iter.get_state(), meta)
+
+
+def _log(writer, step, pending, timer, timed_steps, step_flops, num_devices, peak, masked_batches):
+    fetched = jax.device_get(pending)
+    now = time.perf_counter()
+    masked_now = int(sum(int(m["all_masked"]) for m in fetched))
+    if masked_now:
+        log.warning("%d batch(es) up to step %d had no target tokens (all labels masked): loss 0, no gradient",
+                    masked_now, step)
+    masked_batches += masked_now
+    last = fetched[-1]
+    record = dict(
+        loss=float(np.mean([m["loss"] for m in fetched])),
+        lr=float(last["lr"]),
+        grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
+        num_targets=int(sum(int(m["num_targets"]) for m in fetched)),
+        masked_batches=masked_batches,
+        tokens_per_s=None, mfu=None, step_time_s=None,
+    )
+    # Steps timed since the timer started (the compile step is never inside a timed window).
+    elapsed = now - timer if timer is not None else 0.0
+    if timed_steps > 0 and elapsed > 0:
+        timed = fetched[-timed_steps:]
+        seconds = elapsed / timed_steps
+        record["step_time_s"] = seconds
+        record["tokens_per_s"] = float(sum(int(m["num_tokens"]) for m in timed)) / elapsed
+        record["mfu"] = flops_lib.mfu(step_flops.total, seconds, num_devices, peak)
+    writer.write(step, record)
+    return record, masked_batches
+
+
+def _eval_factory(config, tokenizer, model_config, data_factory):
+    has_eval = bool(config.data.eval_json_path or config.data.eval_arrayrecord_dir
+                    or config.data.source == "synthetic")
+    if not (config.eval_every and has_eval):
+        return None
+    return lambda: data_factory(config, tokenizer, model_config, process_index=jax.process_index(),
+                                process_count=jax.process_count(), split="eval")
+
+
+def _evaluate(eval_step, state, batches, max_batches: int, mesh) -> float:
+    total, count = 0.0, 0
+    for i, local in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        nll, n = jax.device_get(eval_step(state, to_global_batch(local, mesh)))
+        total, count = total + float(nll), count + int(n)
+    return total / max(count, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

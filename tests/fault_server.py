@@ -1,0 +1,174 @@
+"""A small OpenAI-compatible chat server on 127.0.0.1 that injects faults, for tests.
+
+`FaultServer(responder, faults)`: request n (1-based) gets the fault `faults(n)` (or faults[n-1] for a
+list; past its end: "ok"). Faults: "ok", "429", "500", "timeout" (answer only after `timeout_sleep`
+seconds, longer than the client's timeout), "401" (bad key), "drop" (close the connection without a reply),
+"malformed" (HTTP 200 with a body that is not JSON), "garbage" (a valid completion whose text no
+parser accepts). Each ok reply reports usage prompt_tokens=10, completion_tokens=5.
+
+Also here, for the end-to-end tests of datagen and eval: a tiny random checkpoint (session fixture
+`tiny_ckpt`) and our own OpenAI-compatible server (llava_jax.infer.server, what `llava-jax serve`
+runs) serving it on 127.0.0.1 in a thread (session fixture `tiny_server` -> (base_url, model id)).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import functools
+import json
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+PROMPT_TOKENS, COMPLETION_TOKENS = 10, 5
+GARBAGE = "I am sorry, I cannot help with that."
+
+
+class FaultServer:
+    def __init__(self, responder, faults=(), *, delay: float = 0.0, timeout_sleep: float = 1.0):
+        self.responder, self.faults = responder, faults
+        self.delay, self.timeout_sleep = delay, timeout_sleep
+        self.log = []  # (n, fault, messages) per request
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def fault_for(self, n: int) -> str:
+        if callable(self.faults):
+            return self.faults(n)
+        return self.faults[n - 1] if n <= len(self.faults) else "ok"
+
+    def counts(self) -> dict:
+        out = {}
+        for _, fault, _ in self.log:
+            out[fault] = out.get(fault, 0) + 1
+        return out
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, code: int, body: bytes, content_type="application/json"):
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, b'{"error": "not found"}')
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with server._lock:
+                    n = len(server.log) + 1
+                    fault = server.fault_for(n)
+                    server.log.append((n, fault, request["messages"]))
+                if server.delay:
+                    time.sleep(server.delay)
+                try:
+                    if fault == "429":
+                        return self._send(429, b'{"error": {"message": "rate limited"}}')
+                    if fault == "401":
+                        return self._send(401, b'{"error": {"message": "invalid api key"}}')
+                    if fault == "500":
+                        return self._send(500, b'{"error": {"message": "internal error"}}')
+                    if fault == "drop":
+                        self.close_connection = True
+                        return self.connection.close()
+                    if fault == "malformed":
+                        return self._send(200, b'{"choices": [ this is not json')
+                    if fault == "timeout":
+                        time.sleep(server.timeout_sleep)
+                    text = GARBAGE if fault == "garbage" else server.responder(request["messages"])
+                    body = {"id": f"chatcmpl-{n}", "object": "chat.completion", "model": request.get("model"),
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": text}}],
+                            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+                                      "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}}
+                    self._send(200, json.dumps(body).encode())
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+        return Handler
+
+
+
+# --- a tiny checkpoint and our own server ----------------------------------------------------------
+
+def make_tiny_checkpoint(path) -> str:
+    """A random tiny LLaVA + the test tokenizer, saved as a model folder. 2048 positions, so the
+    datagen prompts (about 1,600 tokens with their few-shot examples) fit."""
+    from flax import nnx
+
+    from conftest import tiny_llava_config
+    from llava_jax.checkpoint import save_model
+    from llava_jax.models.llava import LlavaModel
+    from tokenizers_for_tests import IMAGE_TOKEN_ID, llama_tokenizer
+
+    base = tiny_llava_config()
+    text = dataclasses.replace(base.text, vocab_size=IMAGE_TOKEN_ID + 8, max_position_embeddings=2048)
+    config = tiny_llava_config(text=text, image_token_id=IMAGE_TOKEN_ID, pad_token_id=0)
+    save_model(str(path), LlavaModel(config, rngs=nnx.Rngs(0)), config, tokenizer=llama_tokenizer())
+    return str(path)
+
+
+@contextlib.contextmanager
+def serve_checkpoint(ckpt: str, model_id: str = "tiny"):
+    """Our server (llava_jax.infer.server.make_server, as `llava-jax serve`) on 127.0.0.1:<free port>."""
+    from llava_jax.infer.prompting import ChatModel
+    from llava_jax.infer.server import make_server
+
+    server = make_server(ChatModel.load(ckpt), "127.0.0.1", 0, model_id)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", model_id
+    finally:
+        server.shutdown()
+        server.service.scheduler.close()
+        server.server_close()
+
+
+# Imported into several test modules, a session fixture would be built once per module; the cache
+# makes the checkpoint and the server process-wide.
+@functools.lru_cache(maxsize=None)
+def _shared_tiny_ckpt() -> str:
+    return make_tiny_checkpoint(tempfile.mkdtemp(prefix="llava_jax_tiny_ckpt_"))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_tiny_server():
+    served = serve_checkpoint(_shared_tiny_ckpt())
+    atexit.register(served.__exit__, None, None, None)
+    return served.__enter__()
+
+
+@pytest.fixture
+def tiny_ckpt() -> str:
+    return _shared_tiny_ckpt()
+
+
+@pytest.fixture
+def tiny_server():
+    return _shared_tiny_server()

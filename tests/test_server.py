@@ -1,0 +1,156 @@
+"""`llava-jax serve` over real HTTP on loopback, driven by the `openai` client."""
+import base64
+import concurrent.futures
+import http.client
+import io
+import json
+import threading
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from infer_checkpoint import expected_answer, shared_tiny_checkpoint
+from llava_jax.infer.prompting import ChatModel
+from llava_jax.infer.server import Limits, make_server
+
+MODEL = "tiny-llava"
+QUESTION = "What is shown in the image?"
+
+
+def data_uri(image: Image.Image, fmt="PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def photo(name="astronaut", size=(64, 48)):
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size)
+
+
+def user(text, image=None):
+    content = [{"type": "text", "text": text}]
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": data_uri(image)}})
+    return {"role": "user", "content": content}
+
+
+@pytest.fixture(scope="module")
+def server():
+    ckpt = shared_tiny_checkpoint()
+    limits = Limits(max_body_bytes=1_000_000, max_image_bytes=200_000, default_max_tokens=16)
+    srv = make_server(ChatModel.load(ckpt), "127.0.0.1", 0, MODEL, limits, max_batch=8, batch_window_s=0.15)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    host, port = srv.server_address[:2]
+    yield {"ckpt": ckpt, "host": host, "port": port, "srv": srv,
+           "client": openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", timeout=120,
+                                   max_retries=0)}
+    srv.shutdown()
+    srv.service.scheduler.close()
+    srv.server_close()
+
+
+def get_json(server, path):
+    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=30)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def ask(client, messages, **kw):
+    kw.setdefault("temperature", 0)
+    kw.setdefault("max_tokens", 12)
+    return client.chat.completions.create(model=MODEL, messages=messages, **kw)
+
+
+def test_models_health_plain_and_streamed(server):
+    client = server["client"]
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert get_json(server, "/health")[0] == 200
+    image = photo()
+    done = ask(client, [user(QUESTION, image)])
+    expected = expected_answer(server["ckpt"], QUESTION, image, max_new_tokens=12)
+    assert done.choices[0].message.content == expected and expected
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.completion_tokens <= 12 and done.usage.prompt_tokens > 40
+    chunks = list(ask(client, [user(QUESTION, image)], stream=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    # A multi-turn conversation with a system message is accepted and answered.
+    follow_up = ask(client, [{"role": "system", "content": "Answer briefly."}, user(QUESTION, image),
+                             {"role": "assistant", "content": expected}, user("Describe the colour.")])
+    assert follow_up.choices[0].message.content
+
+
+def test_stop_string_cuts_the_answer(server):
+    client = server["client"]
+    image = photo("coffee")
+    full = ask(client, [user(QUESTION, image)], max_tokens=16).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = ask(client, [user(QUESTION, image)], max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       ask(client, [user(QUESTION, image)], max_tokens=16, stop=stop, stream=True) if c.choices)
+    assert streamed == full[:full.index(stop)]
+
+
+def test_concurrent_requests_are_batched_and_equal_single_answers(server):
+    client = server["client"]
+    names = ["astronaut", "coffee", "chelsea", "rocket"]
+    requests = [[user(f"{QUESTION} {'Please answer in detail.' * (i % 3)}", photo(names[i % 4]))]
+                if i % 4 != 3 else [user("How many objects are there?" + " one" * i)] for i in range(8)]
+    singles = [ask(client, m).choices[0].message.content for m in requests]
+    before = get_json(server, "/health")[1]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda m: ask(client, m).choices[0].message.content, requests))
+    after = get_json(server, "/health")[1]
+    assert together == singles
+    assert after["requests"] - before["requests"] == 8
+    assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 8
+
+
+def _raw_post(server, body: bytes, path="/v1/chat/completions"):
+    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=60)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_bad_inputs_get_4xx_json_errors_and_the_server_keeps_serving(server):
+    client = server["client"]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+    bad_url = lambda url: [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                         {"type": "image_url", "image_url": {"url": url}}]}]
+    cases = [
+        (dict(messages=bad_url("data:image/png;base64,@@not base64@@")), 400, "invalid base64"),
+        (dict(messages=bad_url("data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode())),
+         400, "not an image"),
+        (dict(messages=bad_url(data_uri(noise))), 413, "image is larger than the 200000 bytes"),
+        (dict(messages=bad_url("https://example.com/cat.jpg")), 400, "remote image URLs are not fetched"),
+        (dict(messages=[user(QUESTION)], max_tokens=100000), 400, "context is 512 tokens"),
+        (dict(messages=[user(QUESTION)], model="gpt-4o"), 404, "'gpt-4o' does not exist"),
+        (dict(messages=[{"role": "assistant", "content": "hi"}]), 400, "expected a 'user' message"),
+        (dict(messages=[user(QUESTION)], temperature=5), 400, "'temperature' must be in"),
+    ]
+    for kwargs, status, message in cases:
+        kwargs = {"model": MODEL, "max_tokens": 4, **kwargs}
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(**kwargs)
+        assert info.value.status_code == status, (message, info.value.response.text)
+        error = info.value.response.json()["error"]
+        assert message in error["message"] and error["type"], error
+        assert get_json(server, "/health") [0] == 200
+    status, body = _raw_post(server, b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = _raw_post(server, json.dumps({"model": MODEL, "messages": [user("x" * 1_200_000)]}).encode())
+    assert status == 413 and "exceeds the 1000000 bytes" in body["error"]["message"]
+    status, body = _raw_post(server, b"{}", path="/v1/nothing")
+    assert status == 404
+    assert ask(client, [user(QUESTION)], max_tokens=3).choices[0].message.content is not None
