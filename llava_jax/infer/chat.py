@@ -27,6 +27,8 @@ def parse_args(argv):
     p.add_argument("--image-aspect", choices=("pad", "square"),
                    help="image preprocessing (default: the checkpoint's, else pad)")
     p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
+    p.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
+    p.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
     return p.parse_args(argv)
 
 
@@ -107,7 +109,7 @@ def interactive(session: Session, options: dict, stdin, out, err) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from llava_jax.infer.prompting import ChatModel
+    from llava_jax.infer.prompting import ChatModel, mesh_from_arg
 
     image = None
     if args.image:
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
             print(f"llava-jax chat: {e}", file=sys.stderr)
             return 2
     chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
-                                dtype=args.dtype)
+                                dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh_from_arg(args.mesh))
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
     session = Session(chat_model, image)

@@ -518,6 +518,7 @@ def parse_args(argv):
     p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
     p.add_argument("--image-aspect", choices=("pad", "square"))
     p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
+    p.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
     p.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p.parse_args(argv)
@@ -525,15 +526,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from llava_jax.infer.prompting import ChatModel
+    from llava_jax.infer.prompting import ChatModel, mesh_from_arg
 
-    mesh = None
-    if args.mesh:
-        from llava_jax.sharding import make_mesh
-
-        mesh = make_mesh(*[int(x) for x in args.mesh.split(",")])
     chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
-                                mesh=mesh, dtype=args.dtype)
+                                mesh=mesh_from_arg(args.mesh), dtype=args.dtype, param_dtype=args.param_dtype)
     model_id = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_image_bytes=int(args.max_image_mb * 2 ** 20),
                     default_max_tokens=args.max_tokens)

@@ -93,10 +93,11 @@ def resolve_tokenizer(config, workdir: Optional[str] = None):
                      f"(data.source={config.data.source!r} needs one)")
 
 
-def synthetic_tokenizer(config, max_records: int = 512):
-    """A BPE tokenizer trained on the synthetic source's rendered text, sized to the model: its base
-    vocabulary fills the ids below image_token_id and `<image>` takes image_token_id (llava-hf
-    convention). Deterministic, so a resumed run rebuilds the same one (it is also saved in the workdir)."""
+def synthetic_tokenizer(config, max_records: int = 1024):
+    """A word-level tokenizer over the synthetic source's rendered text, sized to the model: the most
+    frequent words fill the ids below image_token_id (rarer ones become <unk>) and `<image>` takes
+    image_token_id (llava-hf convention). Word-level keeps the tiny models' rows short.
+    Deterministic; it is also saved in the workdir, where a resumed run finds it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,18 +106,19 @@ def synthetic_tokenizer(config, max_records: int = 512):
 
     mc = config_from_any(config.model)
     base_size = int(mc.image_token_id)
-    source = make_source(config, mc, "train")
-    texts = [conv.render(source[i]["conversations"], config.data.template).replace(conv.IMAGE_PLACEHOLDER, " ")
-             for i in range(min(len(source), max_records))]
     specials = ["<unk>", "<s>", "</s>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    source = make_source(config, mc, "train")
+    texts = []
+    for i in range(min(len(source), max_records)):
+        text = conv.render(source[i]["conversations"], config.data.template)
+        for token in specials + [conv.IMAGE_PLACEHOLDER]:
+            text = text.replace(token, " ")
+        texts.append(text)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=base_size, special_tokens=specials,
-                                                       show_progress=False))
-    if tok.get_vocab_size() > base_size:
-        raise ValueError(f"synthetic tokenizer: the text needs {tok.get_vocab_size()} base tokens but the "
-                         f"model's image_token_id={base_size} leaves room for {base_size}")
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=base_size, special_tokens=specials,
+                                                             show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -176,11 +178,11 @@ def load_initial_weights(config, state: dict, layout) -> dict:
     loaded = {}
     if config.init.base:
         loaded = checkpoint.restore_params_subset(config.init.base, full_target)
-        log.info("loaded %d parameter arrays from init.base=%s", len(jax.tree.leaves(loaded)), config.init.base)
+        _say(f"loaded {len(jax.tree.leaves(loaded))} parameter arrays from init.base={config.init.base}")
     if config.init.stage1:
         projector = checkpoint.restore_params_subset(config.init.stage1, full_target, only=("projector",))
         loaded = step_lib._deep_merge(loaded, projector)
-        log.info("loaded the projector from init.stage1=%s", config.init.stage1)
+        _say(f"loaded the projector from init.stage1={config.init.stage1}")
     if not loaded:
         return state
     params, frozen = step_lib.split_params(step_lib._deep_merge(step_lib.merged_params(state), loaded), layout)
@@ -223,7 +225,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.mesh_from_config(config.mesh)
-    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    _say(f"mesh {dict(mesh.shape)} over {mesh.size} devices ({jax.process_count()} processes)")
 
     tokenizer = resolve_tokenizer(config, workdir)
     data_iter = data_factory(config, tokenizer, model_config, process_index=jax.process_index(),
@@ -245,7 +247,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         state = dict(step=step_arr, params=trainable, frozen=frozen, opt_state=opt_state)
         data_iter.set_state(data_state)
         masked_batches = int(meta.get("masked_batches", 0))
-        log.info("resumed from %s at step %d", ckpt.directory, start)
+        _say(f"resumed from {ckpt.directory} at step {start}")
     else:
         start = 0
         state = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed))
@@ -301,12 +303,18 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                     _save(ckpt, step, state, data_iter, config, masked_batches)
                 if stopping:
                     status = "preempted"
-                    log.warning("SIGTERM: saved step %d; run the same command again to resume", step)
+                    _say(f"SIGTERM: saved step {step}; run the same command again to resume")
                     break
         finally:
             ckpt.close()
             writer.close()
     return dict(status=status, step=step, masked_batches=masked_batches, last_metrics=last)
+
+
+def _say(message: str) -> None:
+    """Run-level events go to stderr on process 0 whatever the logging setup (absl owns logging)."""
+    if jax.process_index() == 0:
+        print(f"llava-jax train: {message}", file=sys.stderr, flush=True)
 
 
 def _save(ckpt, step, state, data_iter, config, masked_batches):

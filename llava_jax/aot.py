@@ -1,0 +1,196 @@
+"""`llava-jax aot --config configs/X.py:ARG --topology v5e:2x4 [--global-batch N] [--mesh d,f,t]
+[--microbatch N] [--remat POLICY] [--max-length N]`
+
+Compiles the real train step for a TPU topology on any machine (libtpu provides compile-only TPU
+devices; nothing is allocated: the state and batch are ShapeDtypeStructs with shardings), prints the
+per-device memory breakdown, and as its LAST line one JSON object:
+  {"topology", "mesh", "per_device_peak_bytes", "hbm_bytes", "fits", ...}
+A compile-time HBM out-of-memory gives fits: false with the size the compiler asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+# libtpu may already be loaded by another process on a TPU VM; compiling only needs a second load.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+GiB = 1024 ** 3
+# HBM per jax device (a chip; a TensorCore on v2/v3) by device_kind prefix.
+HBM_BYTES = {
+    "TPU v2": 8 * GiB,
+    "TPU v3": 16 * GiB,
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,
+    "TPU v5e": 16 * GiB,
+    "TPU v5p": 95 * GiB,
+    "TPU v5": 95 * GiB,
+    "TPU v6 lite": 32 * GiB,
+    "TPU v6e": 32 * GiB,
+}
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2,
+               "MIB": 1024 ** 2, "G": GiB, "GB": GiB, "GIB": GiB, "T": 1024 ** 4, "TB": 1024 ** 4,
+               "TIB": 1024 ** 4}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="llava-jax aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="configs/X.py[:ARG]")
+    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x4, v4:2x2x2, v5p:4x4x4")
+    p.add_argument("--global-batch", type=int, default=0, help="rows per step (default: the config's)")
+    p.add_argument("--mesh", default="", help="data,fsdp,tensor (one may be -1; default: the config's)")
+    p.add_argument("--microbatch", type=int, default=None, help="rows per accumulation microbatch (0 = none)")
+    p.add_argument("--remat", default="", help="remat policy: none | nothing_saveable | dots_saveable | "
+                   "dots_with_no_batch_dims_saveable")
+    p.add_argument("--max-length", type=int, default=0, help="tokens per row (default: the config's)")
+    p.add_argument("--hbm-bytes", type=int, default=0, help="override the per-device HBM size")
+    return p.parse_args(argv)
+
+
+def hbm_bytes(device) -> int:
+    kind = getattr(device, "device_kind", "") or ""
+    for name in sorted(HBM_BYTES, key=len, reverse=True):
+        if kind.lower().startswith(name.lower()):
+            return HBM_BYTES[name]
+    return 0
+
+
+def _to_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def parse_oom(message: str):
+    """(used, capacity) bytes from XLA's 'Ran out of memory in memory space hbm. Used X of Y hbm.'"""
+    m = re.search(r"Used\s+([0-9.]+\s*[A-Za-z]*)\s+of\s+([0-9.]+\s*[A-Za-z]*)\s+hbm", message)
+    if not m:  # 'the total memory required for HLO temporaries (X) exceeds available HBM (Y)'
+        m = re.search(r"required[^(]*\(([0-9.]+\s*[A-Za-z]*)\)\s*exceeds available HBM\s*\(([0-9.]+\s*[A-Za-z]*)\)",
+                      message)
+    if m:
+        return _to_bytes(m.group(1)), _to_bytes(m.group(2))
+    m = re.search(r"(?:allocate|requires?)\s+([0-9.]+\s*[A-Za-z]*)", message)
+    return (_to_bytes(m.group(1)) if m else None), None
+
+
+def is_oom(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
+
+
+def _mesh_sizes(text: str, config) -> tuple:
+    if not text:
+        return int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) != 3:
+        raise SystemExit(f"--mesh takes data,fsdp,tensor (three integers), got {text!r}")
+    return tuple(parts)
+
+
+def compile_train_step(config, devices):
+    """Lower and compile the train step for `devices` from abstract values -> compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    from llava_jax import sharding
+    from llava_jax.models.config import config_from_any
+    from llava_jax.train import loop, optim
+    from llava_jax.train import step as step_lib
+
+    model_config = config_from_any(config.model)
+    mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor),
+                              devices=devices)
+    total = int(config.total_steps) or 1000
+    tx, schedule = optim.make_optimizer(config.optim, total)
+    layout = step_lib.state_layout(model_config, int(config.stage), tx, mesh, seed=int(config.seed))
+    b, s = int(config.global_batch_size), int(config.max_length)
+    m = max(1, int(config.data.max_images_per_row))
+    size = model_config.vision.image_size
+    shapes = dict(input_ids=((b, s), jnp.int32), labels=((b, s), jnp.int32), segment_ids=((b, s), jnp.int32),
+                  positions=((b, s), jnp.int32), pixel_values=((b, m, size, size, 3), jnp.float32))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+             for k, (shape, dtype) in shapes.items()}
+    batch_sh = {k: v.sharding for k, v in batch.items()}
+    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, loop.num_microbatches(config),
+                             int(config.get("loss_chunk_size", 0)))
+    with jax.set_mesh(mesh):
+        lowered = step_lib.jit_train_step(spec, mesh, layout.shardings, batch_sh).lower(layout.abstract, batch)
+        return mesh, lowered.compile()
+
+
+def memory_breakdown(compiled) -> dict:
+    ma = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    out = {f: int(getattr(ma, f, 0) or 0) for f in fields}
+    # Arguments and outputs alias (the state is donated), so count aliased buffers once.
+    out["peak"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
+                   + out["temp_size_in_bytes"] + out["generated_code_size_in_bytes"])
+    return out
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    from jax.experimental import topologies
+
+    from llava_jax.config_files import load_config
+    from llava_jax.models.config import config_from_any
+    from llava_jax.train import flops as flops_lib
+
+    config = load_config(args.config)
+    with config.unlocked():
+        if args.global_batch:
+            config.global_batch_size = args.global_batch
+        if args.max_length:
+            config.max_length = args.max_length
+        if args.microbatch is not None:
+            config.microbatch_size = args.microbatch
+        if args.remat:
+            config.model.remat_policy = args.remat
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
+
+    topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+    devices = list(topology.devices)
+    capacity = args.hbm_bytes or hbm_bytes(devices[0])
+    model_config = config_from_any(config.model)
+    step_flops = flops_lib.step_flops(model_config, int(config.stage), int(config.global_batch_size),
+                                      int(config.max_length), max(1, int(config.data.max_images_per_row)))
+    result = dict(topology=args.topology, device_kind=devices[0].device_kind, num_devices=len(devices),
+                  mesh=None, global_batch=int(config.global_batch_size), max_length=int(config.max_length),
+                  microbatch=int(config.microbatch_size), remat=model_config.remat_policy,
+                  per_device_peak_bytes=None, hbm_bytes=capacity, fits=None,
+                  model_flops_per_step=step_flops.total)
+    try:
+        mesh, compiled = compile_train_step(config, devices)
+    except Exception as e:  # noqa: BLE001 - only an out-of-memory is an answer; anything else re-raises
+        if not is_oom(e):
+            raise
+        used, reported_capacity = parse_oom(str(e))
+        first_line = str(e).strip().splitlines()[0][:400]
+        print(f"compile ran out of HBM: {first_line}")
+        from llava_jax import sharding
+
+        shape = sharding.make_mesh(*_mesh_sizes(args.mesh, config), devices=devices).shape
+        result.update(mesh=[int(v) for v in shape.values()], per_device_peak_bytes=used, fits=False,
+                      hbm_bytes=capacity or reported_capacity, error=first_line)
+        print(json.dumps(result))
+        return 0
+    mem = memory_breakdown(compiled)
+    print(f"topology {args.topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}")
+    print("per-device memory (bytes):")
+    for key in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                "generated_code_size_in_bytes", "peak"):
+        print(f"  {key:<32} {mem[key]:>16,d}  ({mem[key] / GiB:.3f} GiB)")
+    result.update(mesh=[int(mesh.shape[a]) for a in mesh.axis_names], per_device_peak_bytes=mem["peak"],
+                  memory=mem, fits=bool(capacity == 0 or mem["peak"] <= capacity))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
