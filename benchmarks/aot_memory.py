@@ -124,7 +124,8 @@ def main(argv=None) -> int:
 
         def record(mb, result, runs=runs):
             if result is None:
-                return runs.get(str(mb)) if "error" not in runs.get(str(mb), {"error": 1}) else None
+                done = runs.get(str(mb))  # an answered compile (fits true or false) is reused
+                return done if done is not None and done.get("fits") is not None else None
             runs[str(mb)] = result
             save()
             return result

@@ -373,15 +373,20 @@ class TrainCheckpointer:
         return self.manager.save(int(step), args=args, force=True)
 
     def restore(self, step: int, params_target: dict, opt_target) -> tuple:
-        """-> (params, opt_state, data_state, meta); targets are ShapeDtypeStructs with shardings."""
-        args = _ocp.args.Composite(**{
+        """-> (params, opt_state, data_state, meta); targets are ShapeDtypeStructs with shardings.
+
+        data_state is None when the checkpoint holds no state for this process (it was written by a
+        run with another number of processes: the data positions cannot be mapped)."""
+        items = {
             PARAMS_ITEM: _ocp.args.StandardRestore(params_target),
             OPT_ITEM: _ocp.args.StandardRestore(opt_target),
-            DATA_ITEM: DataStateRestore(),
             META_ITEM: _ocp.args.JsonRestore(),
-        })
-        out = self.manager.restore(int(step), args=args)
-        return out[PARAMS_ITEM], out[OPT_ITEM], out[DATA_ITEM], out[META_ITEM]
+        }
+        if os.path.exists(DataStateHandler._file(os.path.join(self.directory, str(int(step)), DATA_ITEM))):
+            items[DATA_ITEM] = DataStateRestore()
+        out = self.manager.restore(int(step), args=_ocp.args.Composite(**items))
+        data = out[DATA_ITEM] if DATA_ITEM in items else None
+        return out[PARAMS_ITEM], out[OPT_ITEM], data, out[META_ITEM]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

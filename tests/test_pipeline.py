@@ -209,6 +209,17 @@ def test_strict_mode_raises_naming_the_record(tok, tmp_path, reason):
         next(it)
 
 
+
+def test_a_repeating_stream_of_only_bad_records_stops_with_an_error(tok, tmp_path):
+    source, expected = _bad_dataset(tmp_path)
+    bad = [i for i in range(len(source))
+           if isinstance(source[i], dict) and source[i].get("id") in ("missing", "empty_answer")]
+    only_bad = type("Bad", (), {"__len__": lambda self: 2, "__getitem__": lambda self, i: source[bad[i]]})()
+    it = iterator(only_bad, tok, batch_size=2, max_length=128, shuffle=False)  # epochs repeat forever
+    with pytest.raises(pipeline.DataError, match="2 records in a row were skipped"):
+        next(it)
+    assert it.skips.counts["missing_image"] >= 1 and it.skips.counts["empty_answer"] >= 1
+
 # ----- global arrays ------------------------------------------------------------------------------
 
 def test_to_global_on_a_mesh(tok):

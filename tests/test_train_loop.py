@@ -70,6 +70,10 @@ def test_sigterm_then_rerun_logs_the_same_losses_as_an_uninterrupted_run(tmp_pat
     assert os.listdir(full / "tensorboard")
     model, cfg = checkpoint.load_pretrained(str(full))
     assert cfg.text.vocab_size == 128
+    # chat/serve prompt it with the template and image aspect it was trained with (tiny stage 2)
+    from llava_jax.infer.prompting import chat_settings
+    settings = chat_settings(str(full))
+    assert (settings.template, settings.image_aspect) == ("vicuna_v1", "pad")
 
 
 def test_stage2_starts_from_stage1_projector_and_base_weights(tmp_path):
@@ -77,6 +81,9 @@ def test_stage2_starts_from_stage1_projector_and_base_weights(tmp_path):
     assert loop.main(["--config", f"{TINY}:stage1", "--workdir", str(s1), "--noprogress",
                       "--config.total_steps=2", "--config.optim.warmup_ratio=0"]) == 0
     stage1 = checkpoint.restore_params(checkpoint.params_location(str(s1)))
+    from llava_jax.infer.prompting import chat_settings
+    recorded = chat_settings(str(s1))  # chat/serve prompt a checkpoint the way it was trained
+    assert (recorded.template, recorded.image_aspect) == ("plain", "square")
     # a "converted base" model folder: a differently seeded model without a projector item
     base_cfg = checkpoint.read_config(str(s1))
     from flax import nnx

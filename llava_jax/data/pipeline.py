@@ -280,6 +280,7 @@ class BatchIterator:
         if self._pending is not None:
             sample, self._pending = self._pending, None
             return sample
+        skipped_in_a_row = 0
         while True:
             self._last_read_state = (self._parent.get_state(), self.skips.state())
             element = next(self._parent)
@@ -288,6 +289,11 @@ class BatchIterator:
             if self.spec.strict:
                 raise DataError(f"record {element['id']}: {element['skip']}: {element['message']}")
             self.skips.add(element["skip"], element["id"], element["message"])
+            skipped_in_a_row += 1
+            # A repeating stream in which every record is bad would otherwise spin forever.
+            if self.num_records and skipped_in_a_row >= self.num_records:
+                raise DataError(f"{skipped_in_a_row} records in a row were skipped, as many as the dataset holds: "
+                                f"{self.skips.summary()}")
 
     def __next__(self) -> dict:
         s = self.spec
@@ -419,7 +425,7 @@ def make_train_iterator(config, tokenizer, model_config, *, process_index: Optio
         make_source(config, mc, split), tokenizer, sample_spec, batch_spec,
         seed=int(d.shuffle_seed), shuffle=is_train, num_epochs=num_epochs if is_train else 1,
         process_index=process_index, process_count=process_count, num_workers=int(d.num_workers),
-        group_by_modality_length=bool(d.get("group_by_modality_length", False)) and is_train)
+        group_by_modality_length=bool(d.group_by_modality_length) and is_train)
 
 
 def to_global(batch: dict, mesh_or_shardings) -> dict:

@@ -36,6 +36,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 _SPLIT_CODES = {"train": 0, "eval": 1, "test": 2}
 # Object extent as a fraction of the quadrant side.
 _SIZE_RANGE = {"small": (0.38, 0.50), "large": (0.66, 0.86)}
+JITTER = 0.08
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +143,33 @@ def make_scene(seed: int, index: int, split: str = "train", image_size: int = 64
         shape, color = SHAPES[shape_i], list(COLORS)[color_i]
         size = SIZES[int(rng.integers(len(SIZES)))]
         half = quad * float(rng.uniform(*_SIZE_RANGE[size])) / 2.0
-        # Centre jittered inside the quadrant, keeping a one-pixel margin so objects never touch.
+        # Centre jittered around the quadrant's centre by at most JITTER of the quadrant side (small
+        # enough that a tiny vision tower learns shapes quickly), keeping a one-pixel margin so
+        # objects never touch.
         row, col = divmod(int(cell), 2)
-        lo_x, lo_y = col * quad + half + 1, row * quad + half + 1
-        cx = float(rng.uniform(lo_x, max(lo_x, (col + 1) * quad - half - 2)))
-        cy = float(rng.uniform(lo_y, max(lo_y, (row + 1) * quad - half - 2)))
+        cx, cy = (col + 0.5) * quad, (row + 0.5) * quad
+        slack_x = min(JITTER * quad, cx - col * quad - half - 1, (col + 1) * quad - half - 2 - cx)
+        slack_y = min(JITTER * quad, cy - row * quad - half - 1, (row + 1) * quad - half - 2 - cy)
+        cx += float(rng.uniform(-1, 1)) * max(0.0, slack_x)
+        cy += float(rng.uniform(-1, 1)) * max(0.0, slack_y)
         box = _tight_box(_shape_mask(image_size, shape, cx, cy, half))
         objects.append(SceneObject(shape, color, size, POSITIONS[int(cell)], box, (cx, cy), half))
     objects.sort(key=lambda o: POSITIONS.index(o.position))  # reading order
     return Scene(id=f"{split}_{seed}_{index:06d}", seed=seed, split=split, index=index,
                  image_size=image_size, background=background, objects=tuple(objects))
+
+
+def with_other_shapes(scene: Scene) -> Scene:
+    """The same scene with every object's shape replaced by another (colours, sizes, places kept):
+    a hard negative whose captions differ from the scene's only in the shapes."""
+    rng = _rng(scene.seed, scene.split, scene.index, 5)
+    used = {o.shape for o in scene.objects}
+    objects = []
+    for obj in scene.objects:
+        options = [s for s in SHAPES if s != obj.shape and s not in {o.shape for o in objects}]
+        fresh = [s for s in options if s not in used] or options
+        objects.append(dataclasses.replace(obj, shape=fresh[int(rng.integers(len(fresh)))]))
+    return dataclasses.replace(scene, objects=tuple(objects))
 
 
 def make_scenes(seed: int, count: int, split: str = "train", image_size: int = 64, start: int = 0) -> list:

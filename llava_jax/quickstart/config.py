@@ -1,6 +1,6 @@
 """The quickstart's model and recipe: a LLaVA small enough to train end to end on a laptop CPU.
 
-64 px images in 16 px patches (16 image tokens), a 4-layer CLIP tower, a 4-layer LLaMA with a
+64 px images in 32 px patches (4 image tokens, one per quadrant), a 4-layer CLIP tower, a 4-layer LLaMA with a
 768-token vocabulary, the mlp2x_gelu projector: a normal LlavaConfig, so every command loads it.
 `stage_config(name, ...)` gives the ml_collections training config of each stage that runs
 through `llava-jax train`'s loop; configs/quickstart.py exposes the same configs to the CLI.
@@ -20,7 +20,7 @@ STAGES = ("lm", "stage1", "stage2")
 
 
 def model_config() -> LlavaConfig:
-    vision = VisionConfig(image_size=IMAGE_SIZE, patch_size=16, hidden_size=128, intermediate_size=256,
+    vision = VisionConfig(image_size=IMAGE_SIZE, patch_size=32, hidden_size=128, intermediate_size=256,
                           num_layers=4, num_heads=4, layer_norm_eps=1e-5, hidden_act="quick_gelu")
     text = TextConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
                       num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,

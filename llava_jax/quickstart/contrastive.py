@@ -71,12 +71,20 @@ class ContrastiveModel(nnx.Module):
     def embed_texts(self, token_ids, lengths):
         return _unit(self.text_encoder(token_ids, lengths))
 
-    def loss(self, pixels, token_ids, lengths):
-        """Symmetric cross-entropy over the batch's image-caption similarity matrix, and accuracy."""
+    def loss(self, pixels, token_ids, lengths, negative_ids, negative_lengths):
+        """Symmetric cross-entropy over the batch's image-caption similarity matrix, and accuracy.
+
+        Each image also competes against a hard negative caption: the same scene with other shapes.
+        In random batches colours and positions alone tell scenes apart, so without these negatives
+        the tower never has to see shape (NegCLIP's remedy for bag-of-words behaviour).
+        """
         image, text = self.embed_images(pixels), self.embed_texts(token_ids, lengths)
-        logits = jnp.exp(jnp.minimum(self.logit_scale[...], math.log(100.0))) * image @ text.T
+        negatives = self.embed_texts(negative_ids, negative_lengths)
+        scale = jnp.exp(jnp.minimum(self.logit_scale[...], math.log(100.0)))
+        logits = scale * image @ text.T
+        image_to_text = jnp.concatenate([logits, scale * image @ negatives.T], axis=1)
         labels = jnp.arange(logits.shape[0])
-        loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(image_to_text, labels).mean()
                       + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
         accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
         return loss, accuracy
@@ -101,8 +109,8 @@ def tokenize_captions(captions: list, tokenize: Callable, max_length: int) -> tu
     return ids, lengths
 
 
-def pair_batches(images: np.ndarray, caption_ids: np.ndarray, caption_lengths: np.ndarray, batch_size: int,
-                 seed: int):
+def pair_batches(images: np.ndarray, caption_ids: np.ndarray, caption_lengths: np.ndarray,
+                 negative_ids: np.ndarray, negative_lengths: np.ndarray, batch_size: int, seed: int):
     """Grain pipeline of shuffled (image, one of its captions) batches, repeating forever.
 
     Each epoch is a new shuffle and takes the next caption of every image. Arrays are gathered in
@@ -115,14 +123,18 @@ def pair_batches(images: np.ndarray, caption_ids: np.ndarray, caption_lengths: n
     def gather(pairs):
         index, which = pairs
         return {"pixels": images[index], "token_ids": caption_ids[index, which],
-                "lengths": caption_lengths[index, which]}
+                "lengths": caption_lengths[index, which], "negative_ids": negative_ids[index, which],
+                "negative_lengths": negative_lengths[index, which]}
 
     return ds.map(gather)
 
 
-def train(vision: VisionConfig, images: np.ndarray, captions: list, tokenize: Callable, vocab_size: int,
-          cfg: ContrastiveConfig, max_length: int = 48, progress: Optional[Callable] = None):
-    """Train image and text towers contrastively; returns (vision tower module, per-step metrics)."""
+def train(vision: VisionConfig, images: np.ndarray, captions: list, negatives: list, tokenize: Callable,
+          vocab_size: int, cfg: ContrastiveConfig, max_length: int = 48, progress: Optional[Callable] = None):
+    """Train image and text towers contrastively; returns (vision tower module, per-step metrics).
+
+    captions[i]: the captions of image i; negatives[i][k]: a caption that differs from captions[i][k]
+    in what the tower must learn to see (here: the shapes)."""
     model = ContrastiveModel(vision, vocab_size, cfg, max_length, rngs=nnx.Rngs(cfg.seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
@@ -132,14 +144,17 @@ def train(vision: VisionConfig, images: np.ndarray, captions: list, tokenize: Ca
     @jax.jit
     def step(params, opt_state, batch):
         def loss_fn(p):
-            return nnx.merge(graphdef, p).loss(batch["pixels"], batch["token_ids"], batch["lengths"])
+            return nnx.merge(graphdef, p).loss(batch["pixels"], batch["token_ids"], batch["lengths"],
+                                               batch["negative_ids"], batch["negative_lengths"])
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
     caption_ids, caption_lengths = tokenize_captions(captions, tokenize, max_length)
-    data = pair_batches(images, caption_ids, caption_lengths, cfg.batch_size, cfg.seed)
+    negative_ids, negative_lengths = tokenize_captions(negatives, tokenize, max_length)
+    data = pair_batches(images, caption_ids, caption_lengths, negative_ids, negative_lengths, cfg.batch_size,
+                        cfg.seed)
     history = []
     for i in range(cfg.steps):
         params, opt_state, loss, accuracy = step(params, opt_state, data[i])

@@ -80,6 +80,7 @@ def pretrain_vision(world, sizes: Sizes, seed: int, progress: bool):
     cfg = model_config()
     images = _preprocessed(world, world.train_scenes, cfg.vision.image_size)
     captions = [S.captions(s) for s in world.train_scenes]
+    negatives = [S.captions(S.with_other_shapes(s)) for s in world.train_scenes]
     tok = world.tokenizer
 
     def tokenize(text):
@@ -92,7 +93,7 @@ def pretrain_vision(world, sizes: Sizes, seed: int, progress: bool):
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", refresh=False)
 
-    tower, history = contrastive.train(cfg.vision, images, captions, tokenize, len(tok), ccfg, progress=report)
+    tower, history = contrastive.train(cfg.vision, images, captions, negatives, tokenize, len(tok), ccfg, progress=report)
     bar.close()
     return tower, history
 
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     base = save_clip_base(root, tower, world.tokenizer, args.seed)
     curves["clip"] = [{"step": h["step"], "loss": h["loss"]} for h in clip_history]
     timer.done("clip", t, f"contrastive {_loss_line(clip_history)}, in-batch retrieval accuracy "
-               f"{np.mean([h['accuracy'] for h in clip_history[-10:]]):.2f} (batch {128})")
+               f"{np.mean([h['accuracy'] for h in clip_history[-10:]]):.2f} (batch 128 + hard negatives)")
 
     kw = dict(fast=args.fast, seed=args.seed, progress=progress)
     lm_dir, s1_dir, s2_dir = (os.path.join(root, n) for n in ("lm", "stage1", "stage2"))

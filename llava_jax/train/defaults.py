@@ -52,6 +52,7 @@ def base_config(model: LlavaConfig | None = None) -> ml_collections.ConfigDict:
     c.data.template = "vicuna_v1"    # plain | v0 | vicuna_v1 | llava_v1
     c.data.image_aspect = "pad"      # pad | square
     c.data.packing = False           # pack several samples per row (segment ids) instead of padding
+    c.data.group_by_modality_length = False  # batches of one modality, similar lengths (the reference's sampler)
     c.data.max_images_per_row = 1
     c.data.num_workers = 0
     c.data.shuffle_seed = 0

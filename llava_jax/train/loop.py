@@ -6,6 +6,7 @@ the latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -236,6 +237,9 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
 
     if is_main:
         checkpoint.write_model_files(workdir, model_config, tokenizer=tokenizer)
+        # What chat / serve / eval need to prompt this checkpoint the way it was trained.
+        with open(os.path.join(workdir, "inference.json"), "w") as f:
+            json.dump({"template": config.data.template, "image_aspect": config.data.image_aspect}, f)
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints))
 
     start = ckpt.latest_step()
@@ -245,7 +249,11 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         trainable, frozen = step_lib.split_params(params, layout)
         step_arr = jax.device_put(np.int32(start), layout.shardings["step"])
         state = dict(step=step_arr, params=trainable, frozen=frozen, opt_state=opt_state)
-        data_iter.set_state(data_state)
+        if data_state is None:
+            _say(f"checkpoint {start} has no data-iterator state for {jax.process_count()} processes; "
+                 "the data stream restarts from its beginning")
+        else:
+            data_iter.set_state(data_state)
         masked_batches = int(meta.get("masked_batches", 0))
         _say(f"resumed from {ckpt.directory} at step {start}")
     else:

@@ -1,0 +1,89 @@
+"""The quickstart: its data path (fast) and a shortened end-to-end run that must learn (slow)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llava_jax.data import synthetic as S
+from llava_jax.datagen import instruct, prompts
+from llava_jax.datagen.context import load_coco_contexts
+from llava_jax.quickstart import instructions
+
+
+def _generated(tmp_path, scenes):
+    instances, captions = S.write_world(str(tmp_path / "world"), scenes)
+    contexts = load_coco_contexts(instances, captions)
+    out = tmp_path / "instruct.json"
+    summary = instruct.generate(contexts, prompts.KINDS, instructions.world_backend, out, concurrency=1,
+                                progress=False)
+    assert summary.unparsable == 0 and summary.request_failures == 0
+    return json.load(open(out))
+
+
+def test_world_backend_records_agree_with_the_scenes(tmp_path):
+    scenes = S.make_scenes(seed=1, count=12)
+    records = _generated(tmp_path, scenes)
+    assert len(records) == 3 * len(scenes)
+    by_file = {s.file_name: s for s in scenes}
+    kinds = set()
+    for record in records:
+        scene = by_file[record["image"]]
+        kind = record["id"].rsplit("_", 1)[1]
+        kinds.add(kind)
+        turns = record["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
+        answers = " ".join(t["value"] for t in turns[1::2])
+        # Every object the replies name exists in the scene, with the colour the scene gives it.
+        assert S.mentioned_objects(answers) <= {(o.color, o.shape) for o in scene.objects}, record
+        for q, a in zip(turns[0::2], turns[1::2]):
+            q = q["value"].replace("<image>\n", "")
+            if q.startswith("What color is the ") and "background" not in q:
+                shape = q[len("What color is the "):-1]
+                assert a["value"] == f"The {shape} is {scene.object_by(shape=shape).color}."
+            if q.startswith("Where is the "):
+                (color, shape), = S.mentioned_objects(q)
+                assert scene.object_by(color=color, shape=shape).position in a["value"]
+            if q == "What color is the background?":
+                assert scene.background in a["value"]
+        if kind == "detail":
+            assert S.mentioned_objects(answers) == {(o.color, o.shape) for o in scene.objects}
+            for obj in scene.objects:
+                assert f"In the {obj.position} there is {S._a(obj.size + ' ' + obj.name)}." in answers
+    assert kinds == set(prompts.KINDS)
+
+
+def test_vqa_and_text_records_hold_the_annotated_answers():
+    scene = S.make_scene(2, 7)
+    truth = {(q.question, q.answer) for q in S.questions(scene)}
+    turns = instructions.vqa_record(scene)["conversations"]
+    for q, a in zip(turns[0::2], turns[1::2]):
+        question = q["value"].replace("<image>\n", "").replace("\n" + S.SHORT_ANSWER_SUFFIX, "")
+        assert (question, a["value"]) in truth
+    read, write = instructions.text_records(scene)
+    passage = read["conversations"][0]["value"]
+    assert S.mentioned_objects(passage) == {(o.color, o.shape) for o in scene.objects}
+    assert write["conversations"][1]["value"] in S.captions(scene)
+
+
+@pytest.mark.slow
+def test_fast_quickstart_learns_and_chat_answers(tmp_path):
+    from llava_jax.quickstart import main
+
+    out = tmp_path / "qs"
+    assert main(["--fast", "--quiet", "--no-ablation", "--out", str(out)]) == 0
+    report = json.load(open(out / "report.json"))
+    assert report["accuracy"] >= report["chance_accuracy"] + 0.3, report["accuracy_by_type"]
+    assert (out / "report.md").exists() and (out / "report.png").exists()
+
+    # The checkpoint answers through the chat command, about a held-out image.
+    scene = next(s for s in S.make_scenes(0, 40, "eval") if len(s.objects) >= 2)
+    obj = scene.objects[0]
+    image = out / "world" / "eval" / scene.file_name
+    cmd = [sys.executable, "-m", "llava_jax.cli", "chat", "--ckpt", str(out / "stage2"), "--image", str(image),
+           "--prompt", f"What color is the {obj.shape}?\n{S.SHORT_ANSWER_SUFFIX}", "--max-new-tokens", "8"]
+    reply = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert reply.returncode == 0, reply.stderr[-2000:]
+    assert S.grade("color", reply.stdout, obj.color), reply.stdout
