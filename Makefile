@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed-test
 
 .PHONY: test demo venv sysdeps clean
 
+# Long tests (minutes each) are marked `slow`; run them with `make test PYTEST_ARGS='-m slow'`.
+PYTEST_ARGS ?= -m "not slow"
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -26,6 +29,9 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(VENV)/bin/llava-jax quickstart --out quickstart_out
 
 clean:
 	rm -rf $(VENV) build *.egg-info

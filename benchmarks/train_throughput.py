@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         for name, parts in sides.items():
             for part, fn in parts.items():
                 fn()  # compile / warm up
-                profile.append(dict(side=name, part=part, seconds=C.median(C.time_calls(fn, max(3, args.steps)))))
+                profile.append(dict(side=name, part=part, seconds=C.median(C.time_calls(fn, 2))))
         for name in sides:
             full = C.median(times["torch"] if name == "torch" else times[next(iter(variants))])
             profile.append(dict(side=name, part="full step (from above)", seconds=full))
