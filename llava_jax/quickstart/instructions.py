@@ -121,13 +121,23 @@ def short_question(question: str) -> str:
     return f"{question}\n{S.SHORT_ANSWER_SUFFIX}"
 
 
-def vqa_record(scene: S.Scene, max_questions: int = 6) -> dict:
-    """A multi-turn record of short-answer questions about one image (LLaVA-1.5's VQA format)."""
+def vqa_record(scene: S.Scene) -> dict:
+    """A multi-turn record of short-answer questions about one image (LLaVA-1.5's VQA format).
+
+    One question per object (its type drawn) plus the count question, in a drawn order. Asking two
+    questions about the same object would leak answers through the text ("Where is the red
+    triangle?" answers "What color is the triangle?"), and a fixed type order would let the turn
+    index stand in for the question: with either shortcut the model learns to ignore the image.
+    """
     questions = S.questions(scene)
     rng = S._rng(scene.seed, scene.split, scene.index, 3)
-    picked = [questions[i] for i in sorted(rng.permutation(len(questions))[:max_questions])]
+    count = [q for q in questions if q.type == "count"]
+    # questions() asks colour, shape and position about each object in turn, after the count.
+    per_object = [questions[1 + 3 * i: 4 + 3 * i] for i in range(len(scene.objects))]
+    picked = count + [qs[int(rng.integers(len(qs)))] for qs in per_object]
     turns = []
-    for i, q in enumerate(picked):
+    for i, j in enumerate(rng.permutation(len(picked))):
+        q = picked[j]
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + short_question(q.question)})
         turns.append({"from": "gpt", "value": q.answer})
     return {"id": f"{scene.id}_vqa", "image": scene.file_name, "conversations": turns}

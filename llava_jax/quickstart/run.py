@@ -128,9 +128,6 @@ def train_stage(name: str, root: str, workdir: str, *, fast: bool, seed: int, pr
     result = loop.train(config, workdir, progress=progress)
     if result["status"] != "finished":
         raise RuntimeError(f"stage {name} in {workdir} ended with status {result['status']}")
-    # What chat/serve need to talk to this checkpoint the way it was trained.
-    with open(os.path.join(workdir, "inference.json"), "w") as f:
-        json.dump({"template": config.data.template, "image_aspect": config.data.image_aspect}, f)
     return {"metrics": read_metrics(workdir, "loss"), "steps": result["step"]}
 
 
