@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
 

@@ -72,7 +72,8 @@ def data(d):
                                   "mean_real_tokens_per_row"],
                 ["workers", "rows/batch", "first batch s", "samples/s", "vs fastest train step", "real tokens/row"]))
     if d.get("train_consumption_samples_per_s"):
-        print(f"\nTrain step consumption (samples/s): {d['train_consumption_samples_per_s']}")
+        rates = ", ".join(f"{k.strip(' -')}: {v:.3g}" for k, v in d["train_consumption_samples_per_s"].items())
+        print(f"\nTrain step consumption (samples/s, from train_throughput.json): {rates}")
     print()
     print(table(d["efficiency"], ["batching", "image_slots_per_row", "samples_per_row", "token_efficiency",
                                   "padding_waste", "image_slot_efficiency", "rows_per_1k_samples"],

@@ -21,7 +21,6 @@ import sys
 import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -54,6 +53,7 @@ class OursRunner:
         from llava_jax.train import step as S
         from llava_jax.train.defaults import base_config
 
+        self.cfg = cfg
         c = base_config(cfg)
         c.optim.lr, c.optim.warmup_ratio, c.optim.weight_decay, c.optim.grad_clip = 1e-5, 0.0, 0.0, 1.0
         self.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -93,7 +93,16 @@ class OursRunner:
         def grads(params, frozen, batch):
             return S.loss_and_grads(spec, params, frozen, batch)[1]
 
+        @jax.jit
+        def head_grads(params, frozen, hidden, targets):
+            # vocabulary projection + cross-entropy alone, gradients w.r.t. its input and weights
+            def loss(p, h):
+                return S._token_nll(nnx.merge(graphdef, p, frozen).logits_from_hidden(h), targets).sum()
+            return jax.grad(loss, argnums=(0, 1))(params, hidden)
+
         p, f, b = self.state["params"], self.state["frozen"], self.batch
+        hidden, targets = _head_inputs(self.batch["input_ids"].shape, self.cfg.text.hidden_size,
+                                       self.cfg.text.vocab_size)
 
         def run(fn, *args):
             with jax.set_mesh(self.mesh):
@@ -101,7 +110,16 @@ class OursRunner:
 
         return {"vision fwd": lambda: run(vision, p, f, b["pixel_values"]),
                 "loss fwd": lambda: run(forward, p, f, b),
-                "loss fwd+bwd": lambda: run(grads, p, f, b)}
+                "loss fwd+bwd": lambda: run(grads, p, f, b),
+                "vocab projection + CE fwd+bwd": lambda: run(head_grads, p, f, hidden, targets)}
+
+
+def _head_inputs(shape, hidden_size: int, vocab_size: int):
+    """Random final hidden states (B, S-1, D) and targets for timing the loss head alone."""
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(shape[0], shape[1] - 1, hidden_size)).astype(np.float32)
+    targets = rng.integers(0, vocab_size, size=(shape[0], shape[1] - 1)).astype(np.int32)
+    return hidden, targets
 
 
 # ----- PyTorch ------------------------------------------------------------------------------------
@@ -146,7 +164,20 @@ class TorchRunner:
             m(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels).loss.backward()
             m.zero_grad(set_to_none=True)
 
-        return {"vision fwd": vision, "loss fwd": forward, "loss fwd+bwd": fwd_bwd}
+        text = m.config.get_text_config()
+        hidden, targets = _head_inputs(tuple(self.ids.shape), text.hidden_size, text.vocab_size)
+        hidden = torch.from_numpy(hidden).requires_grad_(True)
+        targets = torch.from_numpy(targets.astype(np.int64))
+
+        def head():
+            logits = m.lm_head(hidden)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                              reduction="sum").backward()
+            hidden.grad = None
+            m.zero_grad(set_to_none=True)
+
+        return {"vision fwd": vision, "loss fwd": forward, "loss fwd+bwd": fwd_bwd,
+                "vocab projection + CE fwd+bwd": head}
 
 
 # ----- main ---------------------------------------------------------------------------------------
@@ -236,7 +267,8 @@ def main(argv=None) -> int:
 
     C.write_json("train_throughput", dict(
         machine=info, batch=args.batch, seq=args.seq, tokens_per_step=tokens, step_flops=flops,
-        jax_matmul_peak_flops=peak, jax_matmul_peaks_per_round=peaks, torch_matmul_peak_flops=torch_peak, rows=rows, profile=profile,
+        jax_matmul_peak_flops=peak, jax_matmul_peaks_per_round=peaks, torch_matmul_peak_flops=torch_peak,
+        rows=rows, profile=profile,
         samples_per_s={r["impl"] + " " + r["remat"]: args.batch / r["step_s"] for r in rows},
         raw_times=times, model=base.to_dict()), args.json)
     return 0
