@@ -7,10 +7,15 @@ Prompt: <s> + 256 image tokens + 31 text tokens = 288 tokens, 64 new tokens, gre
 Both sides are timed the same way: T1 = wall time of a generate call with max_new_tokens=1 (time to
 first token: image encoding + prefill + first token), T64 = with max_new_tokens=64; decode rate per
 row = 63 / (T64 - T1), aggregate = rows x that. Calls are interleaved (torch, ours) over rounds and
-the medians reported. Roofline at batch 1: a decode step must read every LLM weight once (fp32),
-so its floor is (weight bytes) / (memory read bandwidth measured in the same run).
+the medians reported. Roofline at batch 1: a decode step must read every LLM weight once, so its
+floor is (weight bytes, in the row's weight dtype) / (memory read bandwidth measured in the same run).
 
-  .venv/bin/python benchmarks/generate_speed.py [--rounds 3] [--batches 1,8] [--no-bf16] [--json PATH]
+Rows: transformers; llava-jax (fp32); llava-jax with bf16 / int8 language-model kernels
+(`Generator(weights_dtype=...)`, llava_jax/infer/weights.py) and their prompt-logit error vs fp32;
+llava-jax with bf16 compute (config.dtype, fp32 parameters).
+
+  .venv/bin/python benchmarks/generate_speed.py [--rounds 3] [--batches 1,8] [--weights bfloat16,int8]
+      [--no-bf16] [--json PATH]
 """
 from __future__ import annotations
 
@@ -38,10 +43,12 @@ def make_prompt(cfg, rows: int, text_tokens: int, seed: int = 0):
 
 
 class Ours:
-    def __init__(self, model):
+    def __init__(self, model, weights_dtype="float32"):
+        from flax import nnx
         from llava_jax.infer.generate import Generator
 
-        self.gen = Generator(model)
+        self.gen = Generator(model, weights_dtype=weights_dtype)
+        self.model = nnx.merge(self.gen.graphdef, self.gen.state)  # what the generator runs
 
     def __call__(self, ids, pixels, new_tokens):
         return self.gen.generate(ids, pixels, max_new_tokens=new_tokens, eos_token_id=[])
@@ -60,6 +67,12 @@ class Torch:
                                       pixel_values=nhwc_to_nchw(pixels), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         return out[:, ids.shape[1]:].numpy()
+
+
+def decode_weight_bytes(ours: "Ours") -> int:
+    from llava_jax.infer.weights import weight_bytes
+
+    return weight_bytes(ours.model)
 
 
 def llm_weight_bytes(model) -> tuple:
@@ -91,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=31, help="text tokens after <s> and the image")
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-compute row")
+    ap.add_argument("--weights", default="bfloat16,int8",
+                    help="light language-model weight dtypes to add as rows ('' for none)")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--small", action="store_true", help="smoke test: a tiny model")
     ap.add_argument("--json", default=None)
@@ -112,6 +127,9 @@ def main(argv=None) -> int:
     hf.set_attn_implementation(args.attn)
     ours_model = ours_from_hf(hf, cfg)
     impls = {"transformers": Torch(hf), "llava-jax": Ours(ours_model)}
+    light = [w for w in args.weights.split(",") if w]
+    for w in light:
+        impls[f"llava-jax {w} weights"] = Ours(ours_model, weights_dtype=w)
     if not args.no_bf16:
         bf16_model = ours_from_hf(hf, cfg.replace(dtype="bfloat16"))
         impls["llava-jax bf16 compute"] = Ours(bf16_model)
@@ -153,22 +171,31 @@ def main(argv=None) -> int:
         r["decode_vs_torch"] = r["decode_tok_s_aggregate"] / ref["decode_tok_s_aggregate"]
         r["ttft_vs_torch"] = ref["ttft_s"] / r["ttft_s"]
         if r["batch"] == 1:
-            r["roofline_ms"] = 1e3 * weight_bytes / bandwidth
+            impl = impls[r["impl"]]
+            r["roofline_ms"] = 1e3 * (decode_weight_bytes(impl) if isinstance(impl, Ours) else weight_bytes) / bandwidth
     C.print_table(rows, ["impl", "batch", "ttft_s", "ttft_vs_torch", "ms_per_step", "decode_tok_s_per_row",
                          "decode_tok_s_aggregate", "decode_vs_torch", "roofline_ms", "greedy_match"],
                   f"generate: {1 + cfg.num_image_tokens + args.text_tokens}-token prompt, {new} new tokens, greedy")
 
     error = None
+    ids, pixels = make_prompt(cfg, 1, args.text_tokens)
     if not args.no_bf16:
-        ids, pixels = make_prompt(cfg, 1, args.text_tokens)
         err, scale = max_logit_error(ours_model, bf16_model, ids, pixels)
         error = dict(max_abs_logit_error=err, max_abs_logit=scale)
         print(f"bf16 compute vs fp32: max |logit error| {err:.4g} (max |logit| {scale:.4g})")
+    weight_errors = {}
+    for w in light:
+        err, scale = max_logit_error(ours_model, impls[f"llava-jax {w} weights"].model, ids, pixels)
+        weight_errors[w] = dict(max_abs_logit_error=err, max_abs_logit=scale,
+                                weight_bytes_per_step=decode_weight_bytes(impls[f"llava-jax {w} weights"]))
+        print(f"{w} weights vs fp32, prompt logits: max |logit error| {err:.4g} (max |logit| {scale:.4g}); "
+              f"LLM weights read per decode step {weight_errors[w]['weight_bytes_per_step'] / 2 ** 20:.1f} MiB")
 
     C.write_json("generate_speed", dict(
         machine=info, prompt_tokens=1 + cfg.num_image_tokens + args.text_tokens, new_tokens=new,
         read_bandwidth_bytes_per_s=bandwidth, numpy_copy_bandwidth_bytes_per_s=copy_bw,
         llm_weight_bytes_per_step=weight_bytes, embedding_bytes=embed_bytes, rows=rows, bf16=error,
+        light_weights=weight_errors,
         model=cfg.to_dict()), args.json)
     return 0
 

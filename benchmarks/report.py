@@ -63,6 +63,10 @@ def generate(d):
         b = d["bf16"]
         print(f"\nbf16 compute vs fp32, prompt logits: max |error| {b['max_abs_logit_error']:.3g} "
               f"(max |logit| {b['max_abs_logit']:.3g}).")
+    for name, w in (d.get("light_weights") or {}).items():
+        print(f"\n{name} language-model weights vs fp32, prompt logits: max |error| {w['max_abs_logit_error']:.3g} "
+              f"(max |logit| {w['max_abs_logit']:.3g}); weights read per decode step "
+              f"{w['weight_bytes_per_step'] / 2 ** 20:.1f} MiB.")
 
 
 def data(d):

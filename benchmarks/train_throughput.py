@@ -77,6 +77,8 @@ class OursRunner:
         loss + gradients (no optimizer)."""
         from flax import nnx
 
+        from llava_jax.train.target_loss import token_nll
+
         S, spec = self.S, self.spec
         graphdef = self.layout.graphdef
 
@@ -97,7 +99,7 @@ class OursRunner:
         def head_grads(params, frozen, hidden, targets):
             # vocabulary projection + cross-entropy alone, gradients w.r.t. its input and weights
             def loss(p, h):
-                return S._token_nll(nnx.merge(graphdef, p, frozen).logits_from_hidden(h), targets).sum()
+                return token_nll(nnx.merge(graphdef, p, frozen).logits_from_hidden(h), targets).sum()
             return jax.grad(loss, argnums=(0, 1))(params, hidden)
 
         p, f, b = self.state["params"], self.state["frozen"], self.batch
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torch steps, then ours)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
-    ap.add_argument("--variants", default="nothing_saveable,none",
+    ap.add_argument("--variants", default="nothing_saveable,dots_saveable,none",
                     help="our remat policies to time, comma-separated; 'X:bfloat16' also sets the dtype")
     ap.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa | eager)")
     ap.add_argument("--profile", action="store_true", help="also time the step's parts on both sides")

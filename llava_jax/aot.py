@@ -48,6 +48,9 @@ def parse_args(argv):
                    "dots_with_no_batch_dims_saveable")
     p.add_argument("--max-length", type=int, default=0, help="tokens per row (default: the config's)")
     p.add_argument("--hbm-bytes", type=int, default=0, help="override the per-device HBM size")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="vocabulary projection over this many positions at a time (0 = all at once; "
+                        "default: the config's loss_chunk_size)")
     return p.parse_args(argv)
 
 
@@ -152,6 +155,8 @@ def main(argv) -> int:
             config.microbatch_size = args.microbatch
         if args.remat:
             config.model.remat_policy = args.remat
+        if args.loss_chunk is not None:
+            config.loss_chunk_size = args.loss_chunk
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
 
     topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
@@ -163,6 +168,7 @@ def main(argv) -> int:
     result = dict(topology=args.topology, device_kind=devices[0].device_kind, num_devices=len(devices),
                   mesh=None, global_batch=int(config.global_batch_size), max_length=int(config.max_length),
                   microbatch=int(config.microbatch_size), remat=model_config.remat_policy,
+                  loss_chunk=int(config.get("loss_chunk_size", 0)),
                   per_device_peak_bytes=None, hbm_bytes=capacity, fits=None,
                   model_flops_per_step=step_flops.total)
     try:

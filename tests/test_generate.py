@@ -184,7 +184,7 @@ _SHARDED = textwrap.dedent("""
     single = Generator(model).generate(ids, pixels, mask, max_new_tokens=12, eos_token_id=[])
     mesh = make_mesh(data=1, fsdp=2, tensor=2)
     sharded_gen = Generator(model, mesh=mesh)
-    kernel = sharded_gen.state["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    kernel = sharded_gen.state["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == 4, kernel.sharding
     sharded = sharded_gen.generate(ids, pixels, mask, max_new_tokens=12, eos_token_id=[])
     np.testing.assert_array_equal(single, sharded)

@@ -29,6 +29,10 @@ def parse_args(argv):
     p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
     p.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
     p.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
+    p.add_argument("--weights-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="language-model matmul kernels for generation: float32 keeps them as loaded; "
+                        "bfloat16 or int8 (int8 kernels and per-row int8 inputs) decode faster on CPU "
+                        "with slightly different logits (BENCHMARKS.md)")
     return p.parse_args(argv)
 
 
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
             print(f"llava-jax chat: {e}", file=sys.stderr)
             return 2
     chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
-                                dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh_from_arg(args.mesh))
+                                dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh_from_arg(args.mesh),
+                                weights_dtype=args.weights_dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
     session = Session(chat_model, image)

@@ -1,6 +1,8 @@
 """Text generation with a KV cache: bucketed prefill, chunked jitted decode, sampling and stopping.
 
-The model is split once into (graphdef, state); two jitted functions take the state:
+The model is split once into (graphdef, state); two functions, jitted per Generator with the
+graphdef bound (a static graphdef argument would be hashed on every call: milliseconds for an
+unstacked model), take the state:
 - `_prefill` runs the (left-padded) prompt through the model, filling a fresh cache, and samples the
   first new token;
 - `_decode_chunk` runs up to `chunk_size` decode steps in a `lax.while_loop` (it exits early once
@@ -35,11 +37,20 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# (largest length, rounding) pairs: padding wastes at most ~20% past 320 tokens (prefill time is
+# roughly linear in the padded length) while the number of compiled prompt shapes stays small.
+_PROMPT_BUCKET_STEPS = ((512, 64), (1024, 128), (2048, 256))
+
+
 def prompt_bucket(length: int) -> int:
-    """Padded prompt length: powers of two from 32 up to 1024, then multiples of 512."""
-    if length <= 1024:
-        return max(_MIN_PROMPT_BUCKET, _next_power_of_two(length))
-    return -(-length // 512) * 512
+    """Padded prompt length: 32, then multiples of 64 up to 512, of 128 up to 1024, of 256 up to
+    2048, then of 512."""
+    if length <= _MIN_PROMPT_BUCKET:
+        return _MIN_PROMPT_BUCKET
+    for limit, multiple in _PROMPT_BUCKET_STEPS:
+        if length <= limit:
+            return _round_up(length, multiple)
+    return _round_up(length, 512)
 
 
 def batch_bucket(rows: int) -> int:
@@ -90,20 +101,21 @@ def _choose_tokens(logits, sampling, step, sample: bool):
 
 # ----- the jitted pieces ----------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "sample"))
 def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, sampling, *, cache_length, sample):
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     batch = input_ids.shape[0]
     cache = model.init_cache(batch, cache_length)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
-    logits, cache = model(input_ids, pixel_values, attention_mask, segment_ids=attention_mask,
-                          positions=positions, cache=cache)
-    first = _choose_tokens(logits[:, -1].astype(jnp.float32), sampling, 0, sample)
+    hidden, cache = model.hidden_states(input_ids, pixel_values, attention_mask, segment_ids=attention_mask,
+                                        positions=positions, cache=cache)
+    # Only the last position is sampled: the vocabulary projection of the others would cost as
+    # much as several decoder layers.
+    logits = model.logits_from_hidden(hidden[:, -1:])
+    first = _choose_tokens(logits[:, -1], sampling, 0, sample)
     return first, positions[:, -1] + 1, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sample"), donate_argnames=("cache",))
 def _decode_chunk(graphdef, state, cache, token, position, done, count, limits, first_step, sampling,
                   eos_ids, pad_id, *, num_steps, sample):
     """Feed `token` (the last chosen token per row) and choose up to `num_steps` more.
@@ -193,12 +205,22 @@ def _per_row(value, rows: int, dtype, name: str) -> np.ndarray:
 class Generator:
     """A model prepared for generation: split once, optionally placed on a mesh.
 
+    The generator works on its own copy of the model with the decoder layers unstacked
+    (`LlavaModel.unstack_layers`: per-layer weights and KV-cache buffers, which a decode step reads
+    and updates in place); the caller's model is left as it is (its arrays are shared, except the
+    per-layer slices of the decoder weights).
+    `weights_dtype` 'bfloat16' or 'int8' converts the language model's matmul kernels
+    (`llava_jax.infer.weights`), for prefill and decode alike; 'float32' keeps them.
     `Generator(model, mesh=mesh)` places the parameters with `llava_jax.sharding.state_shardings`
     and runs every jitted call under `jax.set_mesh(mesh)`.
     """
 
-    def __init__(self, model, mesh=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, model, mesh=None, chunk_size: int = DEFAULT_CHUNK_SIZE, weights_dtype: str = "float32"):
+        from llava_jax.infer.weights import convert_language_weights
+
         self.config = model.config
+        self.weights_dtype = weights_dtype
+        model = convert_language_weights(nnx.merge(*nnx.split(model)).unstack_layers(), weights_dtype)
         self.graphdef, state = nnx.split(model)
         self.mesh = mesh
         if mesh is not None:
@@ -208,6 +230,10 @@ class Generator:
                 state = jax.device_put(state, state_shardings(state, mesh))
         self.state = state
         self.chunk_size = int(chunk_size)
+        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef),
+                                static_argnames=("cache_length", "sample"))
+        self._decode_chunk = jax.jit(functools.partial(_decode_chunk, self.graphdef),
+                                     static_argnames=("num_steps", "sample"), donate_argnames=("cache",))
 
     def _mesh_context(self):
         import contextlib
@@ -319,16 +345,16 @@ class Generator:
                 stream_callback(step_tokens, active)
 
         with self._mesh_context():
-            first, position, cache = _prefill(self.graphdef, self.state, ids, full_mask, pixel_values, sampling,
-                                              cache_length=cache_length, sample=sample)
+            first, position, cache = self._prefill(self.state, ids, full_mask, pixel_values, sampling,
+                                                   cache_length=cache_length, sample=sample)
             record(np.asarray(first)[:rows])
             token, steps_done = first, 1
             count = jnp.ones((padded_rows,), jnp.int32)
             eos = jnp.asarray(eos_ids if eos_ids else [-1], jnp.int32)
             while not finished.all():
                 done = pad_rows(finished, True)
-                chunk, steps, token, position, cache, _, count = _decode_chunk(
-                    self.graphdef, self.state, cache, token, position, done, count, limits_padded,
+                chunk, steps, token, position, cache, _, count = self._decode_chunk(
+                    self.state, cache, token, position, done, count, limits_padded,
                     jnp.int32(steps_done), sampling, eos, jnp.int32(pad_id),
                     num_steps=self.chunk_size, sample=sample)
                 chunk, steps = np.asarray(chunk), int(steps)

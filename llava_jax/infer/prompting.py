@@ -175,14 +175,17 @@ class ChatModel:
     @classmethod
     def load(cls, ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None,
              mesh=None, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
-             chunk_size: Optional[int] = None) -> "ChatModel":
+             chunk_size: Optional[int] = None, weights_dtype: str = "float32") -> "ChatModel":
         """dtype: compute dtype override ('bfloat16' on TPU); param_dtype: 'bfloat16' halves the
-        parameter memory for inference; mesh: shard the parameters over it."""
+        parameter memory for inference; mesh: shard the parameters over it; weights_dtype:
+        'bfloat16' or 'int8' converts the language model's matmul kernels for generation
+        (`llava_jax.infer.weights`; faster decoding on CPU, slightly different logits)."""
         from llava_jax.checkpoint import load_pretrained, load_tokenizer
         from llava_jax.infer.generate import DEFAULT_CHUNK_SIZE, Generator
 
         model, _ = load_pretrained(ckpt, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
-        generator = Generator(model, mesh=mesh, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+        generator = Generator(model, mesh=mesh, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                              weights_dtype=weights_dtype)
         return cls(generator, load_tokenizer(ckpt), chat_settings(ckpt, template, image_aspect))
 
     def encode(self, turns: Sequence[tuple], images: Sequence = ()):

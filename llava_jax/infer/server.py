@@ -520,6 +520,10 @@ def parse_args(argv):
     p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
     p.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
     p.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
+    p.add_argument("--weights-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="language-model matmul kernels for generation: float32 keeps them as loaded; "
+                        "bfloat16 or int8 (int8 kernels and per-row int8 inputs) decode faster on CPU "
+                        "with slightly different logits (BENCHMARKS.md)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p.parse_args(argv)
 
@@ -529,7 +533,8 @@ def main(argv=None) -> int:
     from llava_jax.infer.prompting import ChatModel, mesh_from_arg
 
     chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
-                                mesh=mesh_from_arg(args.mesh), dtype=args.dtype, param_dtype=args.param_dtype)
+                                mesh=mesh_from_arg(args.mesh), dtype=args.dtype, param_dtype=args.param_dtype,
+                                weights_dtype=args.weights_dtype)
     model_id = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_image_bytes=int(args.max_image_mb * 2 ** 20),
                     default_max_tokens=args.max_tokens)

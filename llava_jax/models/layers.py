@@ -49,10 +49,14 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # The product runs over (rows, in) with every leading axis folded into rows: for (B, S, in)
+        # inputs the weight gradient contracts two axes, and XLA:CPU first copies the activations
+        # into a transposed layout (BENCHMARKS.md §1).
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.dot(rows, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Embed(nnx.Module):
@@ -148,7 +152,8 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x):
         h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(sharding.constrain(h, ("act_batch", "act_seq", "act_mlp")))
+        h = sharding.constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        return self.down_proj(h)
 
 
 # ----- rotary position embeddings -----------------------------------------------------------
@@ -203,17 +208,64 @@ def dot_product_attention(q, k, v, mask=None):
 
     Logits and softmax in float32. Fully masked rows (padding queries) give finite garbage that the
     caller never uses.
+
+    The products run heads-first, (B, KVH, G*S, hd) x (B, KVH, hd, T), with a hand-written
+    backward (`_attention_core`): as canonical batched matmuls XLA:CPU neither transposes the
+    (S, T) score arrays nor re-derives the softmax gradient through a pass over them, which made
+    the autodiff backward of the einsum form ~2x the cost of this one.
     """
     b, s, h, hd = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, s, kvh, h // kvh, hd)
-    logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(hd))
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, h, hd)
+    t, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    qh = q.reshape(b, s, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, hd)
+    kt = k.transpose(0, 2, 3, 1)  # (B, KVH, hd, T)
+    vh = v.transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
+    rows = None
+    if mask is not None:  # row g * S + s of a KV head's queries uses mask[:, s]
+        rows = jnp.broadcast_to(mask[:, None, None], (b, 1, g, s, t)).reshape(b, 1, g * s, t)
+    out = _attention_core(qh, kt, vh, rows)
+    return out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)
+
+
+def _attention_probs(qh, kt, rows):
+    """float32 softmax((qh @ kt) / sqrt(hd)), masked where rows is False: (B, KVH, G*S, T)."""
+    logits = jnp.matmul(qh, kt, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(qh.shape[-1]))
+    if rows is not None:
+        logits = jnp.where(rows, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _attention_core(qh, kt, vh, rows):
+    return jnp.matmul(_attention_probs(qh, kt, rows).astype(vh.dtype), vh)
+
+
+def _attention_core_fwd(qh, kt, vh, rows):
+    probs = _attention_probs(qh, kt, rows)
+    out = jnp.matmul(probs.astype(vh.dtype), vh)
+    return out, (qh, kt, vh, rows, probs, out)
+
+
+def _attention_core_bwd(residuals, d_out):
+    """The softmax gradient via delta = rowsum(d_out * out), an (S, hd) pass instead of (S, T), with
+    every product a canonical batched matmul (transposed operands are the small (S, hd) ones)."""
+    qh, kt, vh, rows, probs, out = residuals
+    f32 = jnp.float32
+    d_vt = jnp.matmul(d_out.swapaxes(-1, -2), probs.astype(d_out.dtype), preferred_element_type=f32)
+    d_probs = jnp.matmul(d_out, vh.swapaxes(-1, -2), preferred_element_type=f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    # The 1/sqrt(hd) of the logits is applied to the (S, hd) results, not to the (S, T) scores.
+    d_logits = probs * (d_probs - delta)
+    if rows is not None:  # a fully masked row has uniform probs yet no gradient to its logits
+        d_logits = jnp.where(rows, d_logits, 0.0)
+    d_logits = d_logits.astype(qh.dtype)
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    d_q = jnp.matmul(d_logits, kt.swapaxes(-1, -2), preferred_element_type=f32) * scale
+    d_kt = jnp.matmul(qh.swapaxes(-1, -2), d_logits, preferred_element_type=f32) * scale
+    return (d_q.astype(qh.dtype), d_kt.astype(kt.dtype), d_vt.swapaxes(-1, -2).astype(vh.dtype), None)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 # ----- stacked layers -------------------------------------------------------------------------

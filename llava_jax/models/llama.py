@@ -5,7 +5,8 @@ the cache layout is described in docs/internals.md.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,42 @@ def default_positions(segment_ids):
     return jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32)
 
 
+class LayerCache(NamedTuple):
+    """One layer's KV cache in the unstacked (decode) layout: k, v (B * KVH, T, hd), row b * KVH + h.
+
+    Heads before slots, so the attention matmuls read the cache as it lies (one leading batch dim)
+    instead of transposing it on every step, and each layer's buffer is its own array that a
+    donated jit argument updates in place. Batch and heads share one axis because with a size-1
+    axis (one row) XLA reshapes the updated cache for the matmul, duplicates the update on both
+    sides of the reshape and then copies the whole cache to keep each update in place."""
+    k: jax.Array
+    v: jax.Array
+
+
+def cached_attention(q, k, v, mask):
+    """q (B, S, H, hd); k, v (B * KVH, T, hd) (the LayerCache layout); mask (B, S, T) -> (B, S, H, hd).
+
+    The computation of `layers.dot_product_attention` (float32 logits and softmax, GQA groups) for
+    the heads-major cache layout."""
+    b, s, h, hd = q.shape
+    t = k.shape[1]
+    kvh = k.shape[0] // b
+    g = h // kvh
+    q = q.reshape(b, s, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * kvh, g * s, hd)
+    logits = jnp.einsum("nqd,ntd->nqt", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    mask = jnp.broadcast_to(mask[:, None, None], (b, kvh, g, s, t)).reshape(b * kvh, g * s, t)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nqt,ntd->nqd", probs, v)
+    return out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)
+
+
+def _heads_major(x):
+    """(B, S, KVH, hd) -> (B * KVH, S, hd), the LayerCache row order."""
+    b, s, kvh, hd = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * kvh, s, hd)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -40,8 +77,9 @@ class LlamaAttention(nnx.Module):
         self.config = cfg
 
     def __call__(self, x, positions, mask, kv=None, index=None):
-        """x (B, S, D). kv: this layer's cached (k, v) (B, T, KVH, hd); the new keys/values are
-        written at slots [index, index + S) and the updated pair is returned."""
+        """x (B, S, D). kv: this layer's cached (k, v), either a slice of the stacked cache
+        (B, T, KVH, hd) or a `LayerCache`; the new keys/values are written at slots
+        [index, index + S) and the updated cache is returned in the same form."""
         cfg = self.config
         b, s, _ = x.shape
         inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -51,6 +89,11 @@ class LlamaAttention(nnx.Module):
         q = L.constrain_act(L.apply_rope(q, positions, inv_freq), ("act_batch", "act_seq", "act_heads", None))
         k = L.constrain_act(L.apply_rope(k, positions, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
         v = L.constrain_act(v, ("act_batch", "act_seq", "act_kv_heads", None))
+        if isinstance(kv, LayerCache):
+            k = jax.lax.dynamic_update_slice(kv.k, _heads_major(k).astype(kv.k.dtype), (0, index, 0))
+            v = jax.lax.dynamic_update_slice(kv.v, _heads_major(v).astype(kv.v.dtype), (0, index, 0))
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            return self.o_proj(out.reshape(b, s, -1)), LayerCache(k, v)
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
@@ -89,6 +132,30 @@ class LlamaModel(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
 
+    @property
+    def layers_unstacked(self) -> bool:
+        return isinstance(self.layers, nnx.List)
+
+    def unstack_layers(self):
+        """Replace the stacked decoder layers by a list of per-layer modules, in place.
+
+        For inference on CPU: XLA copies a layer's weights out of a stacked array before every
+        matmul (a slice feeding a dot is materialised), which doubles the memory traffic of a
+        decode step; per-layer arrays are read where they lie. The layers then run in a Python loop
+        (unrolled in the compiled program) and `init_cache` makes a per-layer `LayerCache` list.
+        Training keeps the stacked form (one scanned layer compiles once)."""
+        if self.layers_unstacked:
+            return self
+        cfg = self.config
+        values = nnx.to_pure_dict(nnx.state(self.layers))
+        unstacked = []
+        for i in range(cfg.num_layers):
+            layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=self.dtype, rngs=nnx.Rngs(0)))
+            nnx.update(layer, jax.tree.map(lambda a: a[i], values))
+            unstacked.append(layer)
+        self.layers = nnx.List(unstacked)
+        return self
+
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
@@ -99,6 +166,11 @@ class LlamaModel(nnx.Module):
         if cache is None:
             slots = jnp.arange(s)
             mask = L.attention_mask(segment_ids, segment_ids, slots, slots)
+            if self.layers_unstacked:
+                h = x
+                for layer in self.layers:
+                    h = layer(h, positions, mask)[0]
+                return self.norm(h), None
 
             def body(layer, h, _):
                 return layer(h, positions, mask)[0], None
@@ -109,6 +181,15 @@ class LlamaModel(nnx.Module):
         index = cache["index"]
         kv_segment = jax.lax.dynamic_update_slice(cache["segment"], segment_ids.astype(jnp.int32), (0, index))
         mask = L.attention_mask(segment_ids, kv_segment, index + jnp.arange(s), jnp.arange(kv_segment.shape[1]))
+
+        if self.layers_unstacked:
+            # One buffer per layer, each written only at the new slots: with the cache donated to
+            # the jitted caller, a decode step touches S slots per layer instead of the whole cache.
+            h, layer_caches = x, []
+            for layer, kv in zip(self.layers, cache["layers"]):
+                h, kv = layer(h, positions, mask, kv, index)
+                layer_caches.append(kv)
+            return self.norm(h), dict(layers=tuple(layer_caches), segment=kv_segment, index=index + s)
 
         def body(layer, h, kv):
             return layer(h, positions, mask, kv, index)
@@ -122,11 +203,17 @@ class LlamaModel(nnx.Module):
         return L.constrain_act(out.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        """Empty cache (layout in docs/internals.md): stacked `k`, `v` (L, B, T, KVH, hd) for stacked
+        layers; after `unstack_layers`, `layers`: one `LayerCache` (B * KVH, T, hd) per layer."""
         cfg = self.config
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+        common = dict(segment=jnp.zeros((batch_size, max_length), jnp.int32), index=jnp.zeros((), jnp.int32))
+        if self.layers_unstacked:
+            shape = (batch_size * cfg.num_kv_heads, max_length, cfg.head_dim)
+            return dict(layers=tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                                     for _ in range(cfg.num_layers)), **common)
         shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                    segment=jnp.zeros((batch_size, max_length), jnp.int32), index=jnp.zeros((), jnp.int32))
+        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), **common)
 
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, cache=None):
         """logits (B, S, V) float32; with `cache`, (logits, new_cache) and positions are required."""

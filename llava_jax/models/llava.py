@@ -100,17 +100,24 @@ class LlavaModel(nnx.Module):
         return embeds, segment_ids, jnp.asarray(positions, jnp.int32)
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None,
-                      positions=None):
-        """Final-normed hidden states (B, S, D) in the compute dtype."""
+                      positions=None, cache=None):
+        """Final-normed hidden states (B, S, D) in the compute dtype; with `cache`, (hidden, new_cache)
+        (generation's prefill computes logits only where it samples)."""
         embeds, segment_ids, positions = self._inputs(input_ids, pixel_values, attention_mask, segment_ids,
-                                                      positions, None)
-        return self.language_model.decode(embeds, segment_ids, positions)[0]
+                                                      positions, cache)
+        h, new_cache = self.language_model.decode(embeds, segment_ids, positions, cache)
+        return h if cache is None else (h, new_cache)
 
     def logits_from_hidden(self, h):
         return self.language_model.logits(h)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
         return self.language_model.init_cache(batch_size, max_length, dtype)
+
+    def unstack_layers(self):
+        """Per-layer decoder weights and KV cache for inference (`LlamaModel.unstack_layers`)."""
+        self.language_model.unstack_layers()
+        return self
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None, positions=None,
                  cache=None):

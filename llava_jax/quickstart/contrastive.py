@@ -1,7 +1,9 @@
 """CLIP-style pretraining of the vision tower: images against their captions, symmetric InfoNCE.
 
-The image side is the project's CLIP vision tower (the module LLaVA later freezes) with CLIP's
-visual projection of the pooled CLS token. The text side is a tiny causal transformer built from
+The image side is the project's CLIP vision tower (the module LLaVA later freezes) and a visual
+projection of the mean patch token at the layer LLaVA reads (by default; CLIP's pooled CLS token is
+the other option: with it, a linear probe of the patch tokens read shapes at ~0.5 and an MLP probe at
+~0.64 on held-out scenes, against ~0.58 and ~0.9 with the patch mean). The text side is a tiny causal transformer built from
 the project's LLaMA decoder, pooled at each caption's last token as CLIP's text tower pools at EOT.
 Only the vision tower is kept afterwards.
 """
@@ -36,6 +38,11 @@ class ContrastiveConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     seed: int = 0
+    # "patch_mean": the image embedding is the mean of the patch tokens at `feature_layer`, the very
+    # features LLaVA's projector reads, so the contrastive loss shapes each patch token directly.
+    # "cls": CLIP's own pooling (post-layernormed CLS token of the last layer).
+    pool: str = "patch_mean"
+    feature_layer: int = -2
 
 
 class TextEncoder(nnx.Module):
@@ -64,9 +71,17 @@ class ContrastiveModel(nnx.Module):
         self.text_encoder = TextEncoder(vocab_size, cfg, max_length, rngs=rngs)
         # CLIP's learnable temperature, initialised to 1/0.07 and capped at 100.
         self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+        if cfg.pool not in ("patch_mean", "cls"):
+            raise ValueError(f"unknown contrastive pooling {cfg.pool!r}; expected 'patch_mean' or 'cls'")
+        self.pool, self.feature_layer = cfg.pool, cfg.feature_layer
 
     def embed_images(self, pixels):
-        return _unit(self.visual_projection(self.vision_tower(pixels).pooler_output))
+        if self.pool == "cls":
+            pooled = self.vision_tower(pixels).pooler_output
+        else:
+            (hidden,) = self.vision_tower.select_hidden_states(pixels, (self.feature_layer,))
+            pooled = hidden[:, 1:].mean(axis=1)
+        return _unit(self.visual_projection(pooled))
 
     def embed_texts(self, token_ids, lengths):
         return _unit(self.text_encoder(token_ids, lengths))

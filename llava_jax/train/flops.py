@@ -9,6 +9,9 @@ softmax are ignored, as is customary). What each stage computes:
                 gradient must still flow through it back to the projector
 Causal self-attention is counted at half of the full S x S product. Padded positions and empty
 image slots are computed by the hardware, so they are counted too (the step's shapes decide).
+The vocabulary projection is counted at every position, as a full-sequence implementation computes
+it; the train step computes it only over a bucket that holds the target positions
+(llava_jax.train.target_loss), so an MFU from these counts credits those skipped FLOPs as done.
 """
 from __future__ import annotations
 

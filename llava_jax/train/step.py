@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
+from llava_jax.train import target_loss
 
 IGNORE = -100
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "pixel_values")
@@ -37,46 +38,24 @@ def shifted_targets(labels, segment_ids):
     return jnp.where(mask, targets, 0), mask
 
 
-def _token_nll(logits, targets):
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logz - picked
-
-
 def summed_nll(model, batch, *, loss_chunk: int = 0):
     """(sum of target-token NLL, number of target tokens) for one (micro)batch.
 
-    With loss_chunk > 0 the vocabulary projection runs over sequence chunks under remat, so the
-    full (B, S, V) logits never exist at once.
+    The vocabulary projection runs over target positions only (llava_jax.train.target_loss); with
+    loss_chunk > 0 it runs loss_chunk positions at a time, so at most (B, loss_chunk, V) logits
+    exist at once.
     """
     hidden = model.hidden_states(batch["input_ids"], batch.get("pixel_values"),
                                  segment_ids=batch["segment_ids"], positions=batch["positions"])
     targets, mask = shifted_targets(batch["labels"], batch["segment_ids"])
-    hidden = hidden[:, :-1]
     count = mask.sum(dtype=jnp.int32)
-    seq = hidden.shape[1]
-    if loss_chunk <= 0 or loss_chunk >= seq:
-        nll = _token_nll(model.logits_from_hidden(hidden), targets)
-        return jnp.sum(jnp.where(mask, nll, 0.0)), count
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
 
-    pad = (-seq) % loss_chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    n = hidden.shape[1] // loss_chunk
-    chunks = (hidden.reshape(hidden.shape[0], n, loss_chunk, -1).swapaxes(0, 1),
-              targets.reshape(-1, n, loss_chunk).swapaxes(0, 1), mask.reshape(-1, n, loss_chunk).swapaxes(0, 1))
+    def logits_fn(values, h):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, values)).logits_from_hidden(h)
 
-    @jax.checkpoint
-    def chunk_sum(h, t, m):
-        return jnp.sum(jnp.where(m, _token_nll(model.logits_from_hidden(h), t), 0.0))
-
-    def body(total, xs):
-        return total + chunk_sum(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
+    total = target_loss.target_nll_sum(logits_fn, leaves, hidden[:, :-1], targets, mask, chunk=loss_chunk)
     return total, count
 
 
