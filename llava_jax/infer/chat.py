@@ -15,6 +15,8 @@ COMMANDS_HELP = "commands: /reset  /image PATH  /help   (Ctrl-D exits)"
 
 
 def parse_args(argv):
+    from llava_jax.infer.prompting import add_model_arguments
+
     p = argparse.ArgumentParser(prog="llava-jax chat", description="Chat with a llava-jax checkpoint.")
     p.add_argument("--ckpt", required=True, help="model folder or training workdir")
     p.add_argument("--image", help="image for the first turn")
@@ -23,16 +25,7 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
-    p.add_argument("--image-aspect", choices=("pad", "square"),
-                   help="image preprocessing (default: the checkpoint's, else pad)")
-    p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
-    p.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
-    p.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
-    p.add_argument("--weights-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="language-model matmul kernels for generation: float32 keeps them as loaded; "
-                        "bfloat16 or int8 (int8 kernels and per-row int8 inputs) decode faster on CPU "
-                        "with slightly different logits (BENCHMARKS.md)")
+    add_model_arguments(p)
     return p.parse_args(argv)
 
 
@@ -113,7 +106,7 @@ def interactive(session: Session, options: dict, stdin, out, err) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from llava_jax.infer.prompting import ChatModel, mesh_from_arg
+    from llava_jax.infer.prompting import load_from_args
 
     image = None
     if args.image:
@@ -122,9 +115,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"llava-jax chat: {e}", file=sys.stderr)
             return 2
-    chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
-                                dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh_from_arg(args.mesh),
-                                weights_dtype=args.weights_dtype)
+    chat_model = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
     session = Session(chat_model, image)

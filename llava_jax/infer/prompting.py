@@ -229,3 +229,24 @@ def mesh_from_arg(arg: Optional[str]):
     if len(sizes) != 3:
         raise ValueError(f"--mesh takes three sizes data,fsdp,tensor (e.g. 1,1,-1), got {arg!r}")
     return make_mesh(*sizes)
+
+
+def add_model_arguments(parser) -> None:
+    """The checkpoint-loading options `llava-jax chat` and `llava-jax serve` share."""
+    parser.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+    parser.add_argument("--image-aspect", choices=("pad", "square"),
+                        help="image preprocessing (default: the checkpoint's, else pad)")
+    parser.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
+    parser.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
+    parser.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
+    parser.add_argument("--weights-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                        help="language-model matmul kernels for generation: float32 keeps them as loaded; "
+                             "bfloat16 or int8 (int8 kernels and per-row int8 inputs) decode faster on CPU "
+                             "with slightly different logits (BENCHMARKS.md)")
+
+
+def load_from_args(args) -> ChatModel:
+    """A ChatModel from `--ckpt` and the options of `add_model_arguments`."""
+    return ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect, dtype=args.dtype,
+                          param_dtype=args.param_dtype, mesh=mesh_from_arg(args.mesh),
+                          weights_dtype=args.weights_dtype)

@@ -504,6 +504,8 @@ def make_server(chat_model, host: str = "127.0.0.1", port: int = 8000, model_id:
 
 
 def parse_args(argv):
+    from llava_jax.infer.prompting import add_model_arguments
+
     p = argparse.ArgumentParser(prog="llava-jax serve", description="OpenAI-compatible server with a chat page.")
     p.add_argument("--ckpt", required=True, help="model folder or training workdir")
     p.add_argument("--host", default="127.0.0.1")
@@ -515,26 +517,16 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens")
     p.add_argument("--max-body-mb", type=float, default=32.0)
     p.add_argument("--max-image-mb", type=float, default=16.0)
-    p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
-    p.add_argument("--image-aspect", choices=("pad", "square"))
-    p.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
-    p.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
-    p.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")
-    p.add_argument("--weights-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="language-model matmul kernels for generation: float32 keeps them as loaded; "
-                        "bfloat16 or int8 (int8 kernels and per-row int8 inputs) decode faster on CPU "
-                        "with slightly different logits (BENCHMARKS.md)")
+    add_model_arguments(p)
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from llava_jax.infer.prompting import ChatModel, mesh_from_arg
+    from llava_jax.infer.prompting import load_from_args
 
-    chat_model = ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect,
-                                mesh=mesh_from_arg(args.mesh), dtype=args.dtype, param_dtype=args.param_dtype,
-                                weights_dtype=args.weights_dtype)
+    chat_model = load_from_args(args)
     model_id = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_image_bytes=int(args.max_image_mb * 2 ** 20),
                     default_max_tokens=args.max_tokens)
