@@ -12,7 +12,7 @@ from flax import nnx
 import hf_reference as R
 from conftest import tiny_llava_config
 from llava_jax.infer import weights as W
-from llava_jax.models.llama import LayerCache
+from llava_jax.models.llama import LayerCache, extend_cache
 from llava_jax.models.llava import LlavaModel
 
 gen = importlib.import_module("llava_jax.infer.generate")
@@ -46,27 +46,38 @@ def _prompt(config, rows=2, length=14, seed=0):
     return ids, mask, pixels
 
 
-def test_unstacked_layers_give_the_same_logits_and_cached_decode(model):
-    config = model.config
+def test_unstacked_layers_give_the_same_logits(model):
     unstacked = _unstacked_copy(model)
     assert not model.language_model.layers_unstacked  # the original keeps its stacked layers
-    ids, mask, pixels = _prompt(config)
+    ids, mask, pixels = _prompt(model.config)
     full = np.asarray(R.jitted(model)(ids, pixels, mask))
     np.testing.assert_allclose(np.asarray(R.jitted(unstacked)(ids, pixels, mask)), full, atol=1e-5, rtol=0)
 
-    # Prefill 8 tokens into the per-layer cache, then one token at a time (GQA: 4 heads, 2 KV heads).
+
+@pytest.mark.parametrize("unstack", [False, True])
+def test_cached_decode_through_an_extended_cache_equals_full_forward(model, unstack):
+    """Both layouts of the one cache (a stacked LayerCache, or one per layer): prefill 8 tokens
+    into a 10-slot cache, extend it to 16 slots (`extend_cache`), then one token at a time."""
+    config = model.config
+    ids, mask, pixels = _prompt(config)
+    full = np.asarray(R.jitted(model)(ids, pixels, mask))
+    decoder = _unstacked_copy(model) if unstack else model
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-    graphdef, state = nnx.split(unstacked)
+    graphdef, state = nnx.split(decoder)
 
     @jax.jit
     def step(state, ids, pixels, mask, positions, cache):
         return nnx.merge(graphdef, state)(ids, pixels, mask, positions=positions, cache=cache)
 
-    cache = unstacked.init_cache(2, 16)
-    kvh, hd = config.text.num_kv_heads, config.text.head_dim
-    assert len(cache["layers"]) == config.text.num_layers
-    assert isinstance(cache["layers"][0], LayerCache) and cache["layers"][0].k.shape == (2 * kvh, 16, hd)
-    logits, cache = step(state, ids[:, :8], pixels, mask[:, :8], positions[:, :8], cache)
+    kvh, hd, layers = config.text.num_kv_heads, config.text.head_dim, config.text.num_layers
+    logits, cache = step(state, ids[:, :8], pixels, mask[:, :8], positions[:, :8], decoder.init_cache(2, 10))
+    cache = extend_cache(cache, 16)
+    if unstack:  # GQA: 4 heads, 2 KV heads
+        assert len(cache["layers"]) == layers and isinstance(cache["layers"][0], LayerCache)
+        assert cache["layers"][0].k.shape == (2 * kvh, 16, hd)
+    else:
+        assert isinstance(cache["layers"], LayerCache) and cache["layers"].v.shape == (layers, 2 * kvh, 16, hd)
+    assert cache["segment"].shape == (2, 16) and not np.asarray(cache["segment"])[:, 8:].any()
     outs = [np.asarray(logits)]
     for t in range(8, ids.shape[1]):
         logits, cache = step(state, ids[:, t:t + 1], None, mask[:, t:t + 1], positions[:, t:t + 1], cache)
@@ -74,6 +85,32 @@ def test_unstacked_layers_give_the_same_logits_and_cached_decode(model):
     real = mask == 1
     np.testing.assert_allclose(np.concatenate(outs, axis=1)[real], full[real], atol=1e-4, rtol=0)
     assert int(cache["index"]) == ids.shape[1]
+    with pytest.raises(ValueError, match="cannot shrink a 16-slot cache to 12"):
+        extend_cache(cache, 12)
+
+
+def test_fused_projections_give_the_same_logits_and_cached_decode(model, reference_logits):
+    """The generator's decode copy: q/k/v and gate/up as single matmuls, same values as separate."""
+    from llava_jax.models.llama import FusedGatedMLP
+
+    fused = _unstacked_copy(model)
+    fused.language_model.fuse_projections()
+    layer = fused.language_model.layers[0]
+    text = model.config.text
+    assert not hasattr(layer.self_attn, "q_proj") and isinstance(layer.mlp, FusedGatedMLP)
+    qkv_width = (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
+    assert layer.self_attn.qkv_proj.kernel.shape == (text.hidden_size, qkv_width)
+    assert layer.mlp.gate_up_proj.kernel.shape == (text.hidden_size, 2 * text.intermediate_size)
+    ids, mask, pixels = _prompt(model.config, seed=1)
+    np.testing.assert_allclose(np.asarray(R.jitted(fused)(ids, pixels, mask)), reference_logits, atol=1e-5, rtol=0)
+    # greedy decoding through the generator (which fuses) == the same loop on the unfused copy
+    generator = gen.Generator(model)
+    assert isinstance(nnx.merge(generator.graphdef, generator.state).language_model.layers[0].mlp, FusedGatedMLP)
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    tokens = generator.generate(ids, pixels, mask, **kw)
+    unfused = gen.Generator(model, fuse_projections=False)
+    assert hasattr(nnx.merge(unfused.graphdef, unfused.state).language_model.layers[0].self_attn, "q_proj")
+    np.testing.assert_array_equal(unfused.generate(ids, pixels, mask, **kw), tokens)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -113,7 +150,8 @@ def test_light_weights_close_to_float32(model, reference_logits, dtype, max_rel_
     light = nnx.merge(generator.graphdef, generator.state)
     layer = light.language_model.layers[0]
     expected = W.Bf16Dense if dtype == "bfloat16" else W.Int8Dense
-    assert isinstance(layer.self_attn.q_proj, expected) and isinstance(light.language_model.lm_head, expected)
+    assert isinstance(layer.self_attn.qkv_proj, expected) and isinstance(layer.mlp.gate_up_proj, expected)
+    assert isinstance(layer.self_attn.o_proj, expected) and isinstance(light.language_model.lm_head, expected)
     full_bytes = W.weight_bytes(_unstacked_copy(model))
     assert W.weight_bytes(light) * shrink <= full_bytes
 

@@ -104,6 +104,60 @@ def test_filter_top_k_top_p_masks_exactly():
     np.testing.assert_array_equal(kept, [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
 
 
+def test_two_stage_argmax_is_argmax():
+    rng = np.random.default_rng(0)
+    for vocab in (300, 32000):  # a partial last block, and whole blocks
+        logits = rng.normal(size=(5, vocab)).astype(np.float32)
+        logits[1, [7, vocab - 1]] = 10.0  # a tie: the first index wins
+        logits[2, [200, 260]] = 10.0  # a tie across blocks
+        logits[3, -1] = 10.0
+        np.testing.assert_array_equal(np.asarray(gen.greedy_tokens(logits)), np.argmax(logits, -1))
+
+
+def test_bounded_filter_equals_the_full_sort():
+    import jax.numpy as jnp
+
+    vocab = 32000
+    assert gen.filter_width([0.0, 0.0], [5, 0], [0.5, 1.0], vocab) == 0  # greedy rows do not filter
+    assert gen.filter_width([1.0, 0.0], [0, 9], [1.0, 0.5], vocab) == 0
+    assert gen.filter_width([1.0, 1.0], [3, 40], [1.0, 0.9], vocab) == 64
+    assert gen.filter_width([1.0, 1.0], [3, 0], [1.0, 0.9], vocab) == 1024  # a nucleus without top-k
+    assert gen.filter_width([1.0], [4000], [1.0], vocab) == 4096
+    assert gen.filter_width([1.0], [40000], [1.0], vocab) == vocab
+
+    rng = np.random.default_rng(1)
+    peaked = jnp.asarray(rng.normal(size=(5, 5000)) * 3, jnp.float32)
+    top_k, top_p = jnp.asarray([5, 50, 0, 0, 0]), jnp.asarray([1.0, 0.9, 0.5, 0.2, 1.0])
+    width = gen.filter_width(np.ones(5), np.asarray(top_k), np.asarray(top_p), 5000)
+    assert width == 1024
+    bounded = np.isfinite(np.asarray(gen._filter_top_k_top_p(peaked, top_k, top_p, width)))
+    full = np.isfinite(np.asarray(gen._filter_top_k_top_p(peaked, top_k, top_p)))
+    np.testing.assert_array_equal(bounded, full)
+    kept = full.sum(-1)
+    assert kept[0] == 5 and kept[1] <= 50 and 1 <= kept[3] <= kept[2] < 5000 and kept[4] == 5000
+    # A nucleus wider than the ranked width: the filter ranks the whole vocabulary instead.
+    flat = jnp.asarray(rng.normal(size=(2, 5000)) * 0.01, jnp.float32)
+    wide_k, wide_p = jnp.asarray([0, 3]), jnp.asarray([0.99, 1.0])
+    bounded = np.isfinite(np.asarray(gen._filter_top_k_top_p(flat, wide_k, wide_p, 64)))
+    np.testing.assert_array_equal(bounded, np.isfinite(np.asarray(gen._filter_top_k_top_p(flat, wide_k, wide_p))))
+    assert bounded[0].sum() > 4000 and bounded[1].sum() == 3
+
+
+def test_growing_cache_gives_the_same_tokens(models):
+    """A cache that starts with room for 8 new tokens and grows 8 slots at a time decodes as one
+    allocated for the whole answer at once."""
+    _, ours, config = models
+    ids, mask, pixels = _left_padded_batch(config, [9, 17, 13], seed=4)
+    kw = dict(max_new_tokens=30, eos_token_id=[])
+    whole = Generator(ours).generate(ids, pixels, mask, **kw)
+    growing = Generator(ours, chunk_size=4, cache_growth=8)
+    lengths = []
+    extend = growing._extend_cache
+    growing._extend_cache = lambda cache, max_length: lengths.append(max_length) or extend(cache, max_length=max_length)
+    np.testing.assert_array_equal(growing.generate(ids, pixels, mask, **kw), whole)
+    assert lengths == [48, 56, 64], lengths  # 32 prompt slots + 8, then 8 more whenever a chunk needs them
+
+
 def test_no_recompilation_within_a_bucket(models):
     _, ours, config = models
     generator = Generator(ours)

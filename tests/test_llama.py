@@ -119,7 +119,8 @@ def test_kv_cache_prefill_then_token_by_token_equals_full_forward(base_pair):
         outs.append(np.asarray(logits))
     cached = np.concatenate(outs, axis=1)
     assert int(cache["index"]) == ids.shape[1]
-    assert cache["k"].shape == (cfg.text.num_layers, 2, 16, cfg.text.num_kv_heads, cfg.text.head_dim)
+    # the stacked model keeps one LayerCache of stacked (L, B * KVH, T, hd) buffers
+    assert cache["layers"].k.shape == (cfg.text.num_layers, 2 * cfg.text.num_kv_heads, 16, cfg.text.head_dim)
     np.testing.assert_array_equal(np.asarray(cache["segment"])[:, :14], mask)
     real = mask == 1
     np.testing.assert_allclose(cached[real], full[real], atol=TOL, rtol=0)

@@ -117,3 +117,18 @@ def test_contrastive_pretraining_pulls_images_towards_their_captions():
     assert isinstance(tower, nnx.Module)
     with pytest.raises(ValueError, match="pooling"):
         contrastive.ContrastiveModel(vision, 8, contrastive.ContrastiveConfig(pool="max"), 8, rngs=nnx.Rngs(0))
+
+
+def test_a_new_run_replaces_only_the_previous_runs_outputs(tmp_path):
+    # The training stages resume from their workdirs, so a stale stage2 checkpoint would otherwise be
+    # reported as this run's model.
+    from llava_jax.quickstart.run import clear_previous_run
+
+    (tmp_path / "stage2" / "checkpoints" / "250").mkdir(parents=True)
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    assert sorted(clear_previous_run(str(tmp_path))) == ["lm", "report.json", "stage2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+    assert clear_previous_run(str(tmp_path)) == []

@@ -2,7 +2,8 @@
 
 A decode step reads every decoder and vocabulary-projection kernel once, so its time follows the
 bytes of those kernels. `convert_language_weights(model, 'bfloat16' | 'int8')` replaces, in place,
-each `Dense` of the decoder layers and the vocabulary projection by
+each `Dense` of the decoder layers (plain or fused by `LlamaModel.fuse_projections`) and the
+vocabulary projection by
 - `Bf16Dense`: the kernel stored in bfloat16; bfloat16 x bfloat16 products accumulated in float32;
 - `Int8Dense`: the kernel stored in int8 with one float32 scale per output channel (symmetric,
   max |w| / 127), the input quantized per row to int8 on the fly (max |x| / 127), an int8 x int8
@@ -105,11 +106,13 @@ def convert_language_weights(model, weights_dtype: str):
         raise ValueError("convert_language_weights needs unstacked decoder layers (call model.unstack_layers())")
     convert = _CONVERTERS[weights_dtype]
     for layer in lm.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attn, name, _convert_dense(getattr(attn, name), convert))
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(mlp, name, _convert_dense(getattr(mlp, name), convert))
+        # the plain projections, or their fused forms (`LlamaModel.fuse_projections`)
+        for module, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj"))):
+            for name in names:
+                dense = getattr(module, name, None)
+                if dense is not None:
+                    setattr(module, name, _convert_dense(dense, convert))
     if lm.lm_head is None:  # tied: a transposed copy for the projection, the table for lookups
         table = lm.embed_tokens.embedding
         axes = _axes(table)

@@ -21,6 +21,11 @@ import time
 import numpy as np
 
 STAGE_NAMES = ("world", "clip", "lm", "stage1", "stage2", "eval", "ablation")
+# Everything a run writes under DIR. A new run removes these first: the training stages resume from
+# a workdir's checkpoint, so a previous run's lm/stage1/stage2 would otherwise be picked up as
+# finished (or fail to restore when the model changed) on top of a newly trained vision tower.
+OUTPUTS = ("world", "data", "tokenizer", "clip", "lm", "stage1", "stage2", "ablation_no_stage1",
+           "report.json", "report.md", "report.png", "answers.json", "example.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +43,7 @@ FAST = Sizes(num_train=800, num_eval=40, num_instruct=400, clip_steps=60, num_de
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="llava-jax quickstart", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
+    p.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out); a previous run's outputs there are replaced")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a shorter run (fewer scenes and steps), for tests")
     p.add_argument("--no-ablation", action="store_true", help="skip the run without stage 1")
@@ -131,6 +136,23 @@ def train_stage(name: str, root: str, workdir: str, *, fast: bool, seed: int, pr
     return {"metrics": read_metrics(workdir, "loss"), "steps": result["step"]}
 
 
+def clear_previous_run(root: str) -> list:
+    """Remove what an earlier quickstart wrote under `root` (only the names in OUTPUTS) -> removed names."""
+    import shutil
+
+    removed = []
+    for name in OUTPUTS:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def _loss_line(records) -> str:
     losses = [r["loss"] for r in records]
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
@@ -148,6 +170,9 @@ def main(argv=None) -> int:
     sizes = FAST if args.fast else FULL
     root = os.path.abspath(args.out)
     os.makedirs(root, exist_ok=True)
+    removed = clear_previous_run(root)
+    if removed:
+        print(f"[start] removed the previous run's outputs in {root}: {', '.join(removed)}", flush=True)
     progress = not args.quiet
     timer = Timer()
     curves = {}
