@@ -1,4 +1,5 @@
-"""The quickstart: its data path (fast) and a shortened end-to-end run that must learn (slow)."""
+"""The quickstart: its data path, the default recipe reading the image (counting) and answering through
+chat, and the accuracy target of issue #6 (slow, expected to fail until it is met)."""
 import json
 import os
 import subprocess
@@ -89,6 +90,34 @@ def test_fast_quickstart_learns_and_chat_answers(tmp_path):
                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert reply.returncode == 0, reply.stderr[-2000:]
     assert S.grade("color", reply.stdout, obj.color), reply.stdout
+
+
+def test_quickstart_reads_the_image_and_chat_answers(tmp_path):
+    """The default-size recipe without the ablation (~4.5 min on 2 cores): the part of the task it
+    learns today, counting, must stay well above chance (it can only come from the image), and the
+    stage-2 checkpoint must answer through `llava-jax chat`. The 0.80 target over all question types
+    is the slow test above (issue #6)."""
+    from llava_jax.quickstart import main
+
+    out = tmp_path / "qs"
+    assert main(["--quiet", "--no-ablation", "--out", str(out)]) == 0
+    report = json.load(open(out / "report.json"))
+    assert set(report) >= {"accuracy", "accuracy_by_type", "accuracy_without_stage1", "chance_accuracy", "minutes"}
+    assert report["accuracy_by_type"]["count"] >= 0.6, report["accuracy_by_type"]  # chance 0.25
+    assert report["accuracy"] >= report["chance_accuracy"] + 0.05, report["accuracy_by_type"]
+    assert (out / "report.md").exists() and (out / "report.png").exists() and (out / "example.png").exists()
+
+    # A held-out image whose count the evaluation got right: chat (one row, its own prompt
+    # building and generation call) must give that answer too.
+    answers = json.load(open(out / "answers.json"))["with_stage1"]
+    right = next(a for a in answers if a["type"] == "count" and a["correct"] and a["answer"] != "1")
+    image = out / "world" / "eval" / f"{right['scene']}.png"
+    cmd = [sys.executable, "-m", "llava_jax.cli", "chat", "--ckpt", str(out / "stage2"), "--image", str(image),
+           "--prompt", f"{right['question']}\n{S.SHORT_ANSWER_SUFFIX}", "--max-new-tokens", "6"]
+    reply = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert reply.returncode == 0, reply.stderr[-2000:]
+    assert S.grade("count", reply.stdout, right["answer"]), (reply.stdout, right)
 
 
 def test_contrastive_pretraining_pulls_images_towards_their_captions():
