@@ -43,7 +43,8 @@ FAST = Sizes(num_train=800, num_eval=40, num_instruct=400, clip_steps=60, num_de
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="llava-jax quickstart", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out); a previous run's outputs there are replaced")
+    p.add_argument("--out", default="quickstart_out",
+                   help="output folder (default: quickstart_out); a previous run's outputs there are replaced")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a shorter run (fewer scenes and steps), for tests")
     p.add_argument("--no-ablation", action="store_true", help="skip the run without stage 1")
