@@ -7,7 +7,9 @@ Every layout the reference produced is renamed to the llava-hf save format of tr
 - older llava-hf files: `vision_tower.vision_model.*`
 - in-memory transformers names: `model.language_model.*`, `model.vision_tower.*`,
   `model.multi_modal_projector.*`, `lm_head.weight`
-- a CLIP repo: `vision_model.*` (the text model and the contrastive heads are ignored)
+- a CLIP repo: `vision_model.*` (CLIPModel, CLIPVisionModelWithProjection: the text model and the
+  contrastive heads are ignored), or bare `embeddings.*`, `encoder.layers.*`, `pre_layrnorm.*`,
+  `post_layernorm.*` (CLIPVisionModel saved by transformers 5)
 - a LLaMA/Vicuna repo: `model.*`, `lm_head.weight`
 - original LLaVA projectors: `model.mm_projector.{0,2,...}.*` or `mm_projector.{0,2,...}.*`
   (Sequential of Linear/GELU: Linear k sits at index 2(k-1)) and `mm_projector.{weight,bias}` (linear)
@@ -36,6 +38,8 @@ _RENAMES = [
     (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
     (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
     (re.compile(r"^vision_model\."), "vision_tower."),
+    # CLIPVisionModel as transformers 5 saves it: the vision_model's keys with no prefix
+    (re.compile(r"^(?=(?:embeddings|encoder|pre_layrnorm|post_layernorm)\.)"), "vision_tower."),
     (re.compile(r"^lm_head\.weight$"), "language_model.lm_head.weight"),
 ]
 _MM_PROJECTOR = re.compile(r"^(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$")

