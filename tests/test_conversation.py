@@ -175,7 +175,7 @@ def test_template_strings():
     assert conv.generation_prompt(convs[:3], "v0").endswith("###Human: Colour?###Assistant:")
     assert conv.generation_prompt(convs[:1], "plain") == "<image>"
     with pytest.raises(ValueError, match="unknown conversation template"):
-        conv.get_template("chatml")
+        conv.get_template("no_such_template")
 
 
 @pytest.mark.parametrize("spaced_roles", [False, True], ids=["llama_vocab", "spaced_roles_vocab"])

@@ -1,7 +1,8 @@
 """Batched answers from a checkpoint: one user question (with or without an image) per row.
 
 Prompt building, image preprocessing and generation are the inference package's (ChatModel,
-left_pad, Generator); this only groups rows into batches and decodes each row up to its EOS.
+left_pad, Generator); this only groups rows into batches and decodes each row up to its first stop
+id (`chat.eos_ids`: the EOS ids and the template's end-of-turn token, e.g. <|im_end|> for chatml).
 """
 from __future__ import annotations
 

@@ -52,6 +52,17 @@ def chat_settings(ckpt: str, template: Optional[str] = None, image_aspect: Optio
     return settings
 
 
+def stop_ids(config, tokenizer, template) -> list:
+    """The token ids that end an answer: the model's EOS, the tokenizer's EOS and the template's
+    end-of-turn token (<|im_end|> for chatml / chatml_direct, the chat_template's for 'tokenizer').
+    Raises conversation.TemplateMismatch when that marker is not one special token of `tokenizer`."""
+    ids = {int(i) for i in np.atleast_1d(config.text.eos_token_id)}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    ids.update(conversation.stop_token_ids(template, tokenizer))
+    return sorted(ids)
+
+
 class PromptBuilder:
     """Turns [(role, text, has_image)] + images into (input_ids, pixel_values) for one row."""
 
@@ -72,9 +83,9 @@ class PromptBuilder:
             if has_image:
                 text = conversation.IMAGE_PLACEHOLDER + "\n" + text
             records.append({"from": "human" if role == "user" else "gpt", "value": text})
-        prompt = conversation.generation_prompt(records, self.settings.template)
+        prompt = conversation.generation_prompt(records, self.settings.template, tokenizer=self.tokenizer)
         return conversation.encode_prompt(prompt, self.tokenizer, self.config.image_token_id,
-                                          self.config.num_image_tokens)
+                                          self.config.num_image_tokens, template=self.settings.template)
 
 
 def left_pad(rows: Sequence[np.ndarray], pad_id: int):
@@ -158,6 +169,7 @@ class ChatModel:
     """A checkpoint ready to chat: model (as a Generator), tokenizer, template and image settings.
 
     `reply(turns, images, ...)` answers the conversation so far; chat.py and server.py use it.
+    `eos_ids` (see `stop_ids`) are the ids generation stops at; they are never part of a reply.
     """
 
     def __init__(self, generator, tokenizer, settings: ChatSettings = ChatSettings()):
@@ -166,10 +178,7 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.settings = settings
         self.prompts = PromptBuilder(tokenizer, self.config, settings)
-        eos = {int(self.config.text.eos_token_id)}
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        self.eos_ids = sorted(eos)
+        self.eos_ids = stop_ids(self.config, tokenizer, settings.template)
         self.pad_id = int(self.config.pad_token_id)
 
     @classmethod
@@ -183,10 +192,12 @@ class ChatModel:
         from llava_jax.checkpoint import load_pretrained, load_tokenizer
         from llava_jax.infer.generate import DEFAULT_CHUNK_SIZE, Generator
 
+        settings, tokenizer = chat_settings(ckpt, template, image_aspect), load_tokenizer(ckpt)
+        conversation.check_tokenizer(settings.template, tokenizer)  # before the weights: fail fast
         model, _ = load_pretrained(ckpt, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
         generator = Generator(model, mesh=mesh, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
                               weights_dtype=weights_dtype)
-        return cls(generator, load_tokenizer(ckpt), chat_settings(ckpt, template, image_aspect))
+        return cls(generator, tokenizer, settings)
 
     def encode(self, turns: Sequence[tuple], images: Sequence = ()):
         """-> (input_ids (S,), pixel_values (N, H, W, 3) or None) for one conversation."""
