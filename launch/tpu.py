@@ -4,17 +4,21 @@
 
   python launch/tpu.py create  --name N --zone Z [--project P] --accelerator-type v4-32 [--version V] [--spot]
   python launch/tpu.py install --name N --zone Z [--project P] [--repo URL|--source DIR]
-  python launch/tpu.py train   --name N --zone Z [--project P] --config configs/X.py:ARG --workdir gs://B/RUN [-- --config.k=v ...]
+  python launch/tpu.py train   --name N --zone Z [--project P] --config configs/X.py:ARG --workdir gs://B/RUN
+                               [--accelerator-type v4-32] [-- --config.k=v ...]
   python launch/tpu.py logs    --name N --zone Z [--project P] [--worker 0] [--follow]
   python launch/tpu.py delete  --name N --zone Z [--project P]
 
 `train` starts `python3 -m llava_jax.cli train --distributed` (= llava-jax train) on all workers at once (jax.distributed finds the
 pod's other hosts itself), in the background with its output in ~/train.log on every worker; the
 workdir should be a gs:// path all hosts share. Re-running `train` resumes from the latest checkpoint.
+Before starting, `train` checks the config here with llava_jax.validate (with --accelerator-type also
+the mesh and batch against that slice's chips) and stops with one line saying what to set.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -101,6 +105,8 @@ def parse_args(argv):
     s = add("train", "start `llava-jax train` on all workers")
     s.add_argument("--config", required=True)
     s.add_argument("--workdir", required=True, help="a gs:// folder shared by all hosts")
+    s.add_argument("--accelerator-type", default="", help="e.g. v4-32: check the mesh and batch against its "
+                   "chips before starting (the config is always checked)")
     s = add("logs", "show a worker's train.log")
     s.add_argument("--worker", default="0")
     s.add_argument("--lines", type=int, default=100)
@@ -121,8 +127,37 @@ BUILDERS = {"create": create_commands, "install": install_commands, "train": tra
             "logs": logs_commands, "delete": delete_commands}
 
 
+def check_train_config(args) -> None:
+    """Load the config with the overrides after `--` and run llava_jax.validate on it here, so a
+    config that cannot run fails in seconds instead of on every worker after the install. Paths are
+    not checked (they live on the workers); the mesh and batch only with --accelerator-type."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    try:
+        from llava_jax.cli import choose_platform
+
+        choose_platform()  # no TPU probing (and its noise) on the machine that launches
+        from llava_jax import validate
+        from llava_jax.train.loop import parse_flags
+    except ImportError as e:
+        print(f"note: the config is not checked here (llava_jax is not importable: {e})", file=sys.stderr)
+        return
+    fv = parse_flags(["--config", args.config, "--workdir", args.workdir, *args.extra])
+    devices, hosts = validate.device_count_of(args.accelerator_type) if args.accelerator_type else (None, 1)
+    validate.check_train(fv.config, devices, hosts, check_paths=False)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "train":
+        try:
+            check_train_config(args)
+        except Exception as e:  # noqa: BLE001 - only llava_jax's UserError is an answer
+            if not any(c.__name__ == "UserError" for c in type(e).__mro__):  # llava_jax may be absent
+                raise
+            print(f"launch/tpu.py train: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     for cmd in BUILDERS[args.command](args):
         print(" ".join(shlex.quote(c) for c in cmd), flush=True)
         if not args.dry_run:

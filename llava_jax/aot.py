@@ -89,9 +89,14 @@ def is_oom(error: Exception) -> bool:
 def _mesh_sizes(text: str, config) -> tuple:
     if not text:
         return int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)
-    parts = [int(x) for x in text.split(",")]
+    from llava_jax.validate import UserError
+
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 3:
-        raise SystemExit(f"--mesh takes data,fsdp,tensor (three integers), got {text!r}")
+        raise UserError(f"--mesh takes data,fsdp,tensor (three integers, one may be -1), got {text!r}")
     return tuple(parts)
 
 
@@ -159,8 +164,18 @@ def main(argv) -> int:
             config.loss_chunk_size = args.loss_chunk
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
 
-    topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+    from llava_jax import validate
+
+    try:
+        topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+    except Exception as e:  # noqa: BLE001 - libtpu missing or a topology name it does not know
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise validate.UserError(f"cannot make the TPU topology {args.topology!r} (names look like v5e:2x4, "
+                                 f"v4:2x2x2, v5p:4x4x4; libtpu must be installed: pip install -e '.[tpu]'): "
+                                 f"{first}") from e
     devices = list(topology.devices)
+    # Same checks as `llava-jax train`, for this topology's device count (data paths live elsewhere).
+    validate.check_train(config, len(devices), style="aot", check_paths=False)
     capacity = args.hbm_bytes or hbm_bytes(devices[0])
     model_config = config_from_any(config.model)
     step_flops = flops_lib.step_flops(model_config, int(config.stage), int(config.global_batch_size),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 from typing import Optional
@@ -21,6 +22,23 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.models.config import LlavaConfig, config_from_any
+from llava_jax.validate import NotAFolder, UserError, missing_folder_message
+
+
+class NotACheckpoint(UserError, ValueError):
+    """A folder that exists but is not a llava-jax model folder (e.g. a transformers folder)."""
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax warns `Metadata file does not exist: .../_CHECKPOINT_METADATA` whenever a params folder
+    is read on its own (the file is written for the step folder, never for an item inside it, nor by
+    StandardCheckpointer for a model folder's params/). The load is complete; drop the warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 
 CONFIG_FILE = "config.json"
 PARAMS_ITEM = "params"
@@ -47,8 +65,8 @@ def read_config(path: str) -> LlavaConfig:
     with open(file) as f:
         d = json.load(f)
     if "model_type" in d:
-        raise ValueError(f"{file} is a transformers config ({d['model_type']!r}), not a llava-jax model folder; "
-                         "convert the folder with convert/hf_to_orbax.py first")
+        raise NotACheckpoint(f"{file} is a transformers config ({d['model_type']!r}), not a llava-jax model "
+                             f"folder; convert the folder with convert/hf_to_orbax.py first (--hf-llava {root} --out DIR)")
     try:
         return LlavaConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -89,7 +107,7 @@ def load_tokenizer(path: str):
 
     root = model_root(path)
     if not tokenizer_files(root):
-        raise FileNotFoundError(f"no tokenizer files in {root} (expected e.g. tokenizer.json or tokenizer.model)")
+        raise NotAFolder(f"no tokenizer files in {root} (expected e.g. tokenizer.json or tokenizer.model)")
     return AutoTokenizer.from_pretrained(root)
 
 
@@ -146,7 +164,7 @@ def check_params_match(directory: str, target: dict) -> None:
         if stored[name][0] != wanted[name]:
             problems.append(f"shape mismatch for {name}: expected {wanted[name]}, found {stored[name][0]}")
     if problems:
-        raise ValueError(f"checkpoint {directory} does not match the model config: " + "; ".join(problems))
+        raise NotACheckpoint(f"checkpoint {directory} does not match the model config: " + "; ".join(problems))
 
 
 def restore_params(directory: str, target: Optional[dict] = None) -> dict:
@@ -219,13 +237,15 @@ def latest_step(workdir: str) -> Optional[int]:
 
 def model_root(path: str) -> str:
     """The folder holding config.json: the path itself, or the workdir above a step folder."""
-    path = os.path.abspath(path)
+    original, path = str(path), os.path.abspath(path)
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return path
     parent = os.path.dirname(os.path.dirname(path))  # workdir/checkpoints/<step> -> workdir
     if os.path.basename(os.path.dirname(path)) == CHECKPOINTS_DIR and os.path.isfile(os.path.join(parent, CONFIG_FILE)):
         return parent
-    raise FileNotFoundError(f"{path} is not a llava-jax model folder or training workdir: no {CONFIG_FILE}")
+    if not os.path.exists(path):  # named as given: a hub id stays recognisable
+        raise NotAFolder(missing_folder_message(original, "checkpoint (a llava-jax model folder or training workdir)"))
+    raise NotAFolder(f"{path} is not a llava-jax model folder or training workdir: no {CONFIG_FILE}")
 
 
 def params_location(path: str) -> str:
@@ -236,8 +256,8 @@ def params_location(path: str) -> str:
         return direct
     step = latest_step(path)
     if step is None:
-        raise FileNotFoundError(f"{path} holds no parameters: neither {PARAMS_ITEM}/ nor "
-                                f"{CHECKPOINTS_DIR}/<step>/{PARAMS_ITEM}/")
+        raise NotAFolder(f"{path} holds no parameters: neither {PARAMS_ITEM}/ nor "
+                         f"{CHECKPOINTS_DIR}/<step>/{PARAMS_ITEM}/ (a training run that has not saved a step yet?)")
     return os.path.join(path, CHECKPOINTS_DIR, str(step), PARAMS_ITEM)
 
 

@@ -1,7 +1,20 @@
-"""`llava-jax <command>`: dispatch to the command's own module (each parses its own arguments)."""
+"""`llava-jax <command>`: dispatch to the command's own module (each parses its own arguments).
+
+Manners shared by every command:
+- A mistake the user can fix (a missing checkpoint, an unknown config file or key, a config that
+  cannot run on this machine) is raised as llava_jax.validate.UserError and printed as one line,
+  `llava-jax <command>: error: <what to fix>`, with exit status 2. `--debug` (anywhere on the
+  command line) or LLAVA_JAX_DEBUG=1 shows the traceback instead. Any other exception is a bug and
+  keeps its traceback.
+- On a machine without a TPU, JAX_PLATFORMS is set to `cpu` (unless it is set already, or a GPU is
+  present) before JAX is imported, so an installed libtpu (the test extra) does not probe for TPU
+  workers and print errors. `tpu_present()` says how a TPU is recognised.
+"""
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 import sys
 
 # name -> (module with main(argv), one-line help)
@@ -20,13 +33,63 @@ COMMANDS = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: llava-jax <command> [args]", "", "commands:"]
+    lines = ["usage: llava-jax <command> [args] [--debug]", "", "commands:"]
     lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += ["", "--debug (or LLAVA_JAX_DEBUG=1): show the traceback of a user error instead of one line"]
     return "\n".join(lines)
+
+
+TPU_ENV_VARS = ("TPU_NAME", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "CLOUD_TPU_TASK_ID")
+
+
+def tpu_present() -> bool:
+    """Whether this machine may have TPU chips: JAX's own test (a Google PCI device with a TPU
+    device id) or, should that private helper move, /dev/accel* (v2-v5e) or a numbered /dev/vfio
+    group (v5p, v6e); a TPU environment variable counts as well. Generous on purpose: a wrong yes
+    only leaves the choice to JAX, as without this."""
+    if any(os.environ.get(v) for v in TPU_ENV_VARS):
+        return True
+    if glob.glob("/dev/accel*") or [p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()]:
+        return True
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - private API; the checks above stand alone
+        return False
+
+
+def gpu_present() -> bool:
+    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd"):
+        return True
+    return os.path.exists("/dev/dxg")  # WSL2
+
+
+def choose_platform(environ=os.environ) -> bool:
+    """JAX_PLATFORMS=cpu where neither a TPU nor a GPU is present and the user has not chosen one.
+    The package's import already imported jax (not its backends), so jax's config is set as well;
+    the variable is for child processes. -> whether it was set."""
+    if "JAX_PLATFORMS" in environ or tpu_present() or gpu_present():
+        return False
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        from jax._src import xla_bridge
+
+        if jax.config.jax_platforms or getattr(xla_bridge, "_backends", None):
+            return False  # chosen in code, or backends already running: too late to change
+        jax.config.update("jax_platforms", "cpu")
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
+def debug_enabled(environ=os.environ) -> bool:
+    return environ.get("LLAVA_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or debug_enabled()
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -34,8 +97,23 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"llava-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    choose_platform()
+    from llava_jax.validate import UserError
+
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"llava-jax {name}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"llava-jax {name}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

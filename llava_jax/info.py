@@ -44,13 +44,13 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:ARG")
     args = parser.parse_args(argv)
     from llava_jax.config_files import load_config
+    from llava_jax.validate import ConfigError
 
+    config = load_config(args.config)  # a missing file or a bad argument: a UserError (one line, exit 2)
     try:
-        config = load_config(args.config)
         counts = parameter_counts(config.model)
-    except (FileNotFoundError, ValueError, AttributeError, TypeError) as e:
-        print(f"llava-jax info: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, TypeError, KeyError) as e:  # e.g. an unknown projector type in the config file
+        raise ConfigError(f"--config {args.config}: {e}") from e
     print(format_counts(counts))
     return 0
 

@@ -76,4 +76,5 @@ def test_console_script(tmp_path):
         "    c.model.projector_type = 'mlp2x_relu'\n    return c\n" % os.path.join(REPO, "configs"))
     r = subprocess.run([script, "info", "--config", str(tmp_path / "bad.py")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "unknown projector type 'mlp2x_relu'" in r.stderr
+    assert r.returncode == 2 and "unknown projector type 'mlp2x_relu'" in r.stderr
+    assert "llava-jax info: error: --config " in r.stderr and "Traceback" not in r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Union
 
 import numpy as np
@@ -56,7 +57,9 @@ def load_image(source: ImageLike) -> Image.Image:
         image = Image.open(stream)
         image.load()  # Image.open is lazy: decode now so errors surface here, naming the file
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise UndecodableImage(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+        # PIL names an in-memory stream by its repr (<_io.BytesIO object at 0x...>): say <bytes> instead.
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", name, str(e))
+        raise UndecodableImage(f"cannot decode image {name}: {type(e).__name__}: {detail}") from e
     return image
 
 

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         try:
             image = _load_image(args.image)
         except ValueError as e:
-            print(f"llava-jax chat: {e}", file=sys.stderr)
+            print(f"llava-jax chat: error: {e}", file=sys.stderr)
             return 2
     chat_model = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

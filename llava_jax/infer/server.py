@@ -21,6 +21,7 @@ import http.server
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -535,14 +536,24 @@ def main(argv=None) -> int:
     server.verbose = args.verbose
     host, port = server.server_address[:2]
     print(f"serving {model_id!r} on http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
+    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: a Python handler also replaces the native
+    # failure handler that would print "*** SIGTERM received ..." with a stack trace.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        print("llava-jax serve: stopped", file=sys.stderr, flush=True)
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
         server.service.scheduler.close()
         server.server_close()
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -2,13 +2,21 @@
 
 Creates (or resumes) the sharded train state, streams this host's shard of the data, runs the
 jitted step, logs metrics, and checkpoints asynchronously. Re-running the same command resumes from
-the latest checkpoint; SIGTERM saves a checkpoint and exits cleanly.
+the latest checkpoint (a finished run says it is already done); SIGTERM saves a checkpoint and exits
+cleanly; the last line says where the model is.
+
+Before anything is built, llava_jax.validate checks the config against the devices and refuses what
+cannot run, in one line with a setting that works (a global batch smaller than data x fsdp is refused:
+the suggestion moves devices to the tensor axis or enlarges the batch). Mistakes in flags and config
+files are UserErrors: `llava-jax` prints them as one line and exits with status 2.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -18,12 +26,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llava_jax import checkpoint, sharding
+from llava_jax import checkpoint, sharding, validate
 from llava_jax.models.config import config_from_any
 from llava_jax.train import flops as flops_lib
 from llava_jax.train import optim
 from llava_jax.train import step as step_lib
 from llava_jax.train.metrics import MetricsWriter
+from llava_jax.validate import UserError
 
 log = logging.getLogger("llava_jax.train")
 
@@ -47,12 +56,57 @@ def parse_flags(argv):
     flags.DEFINE_integer("num_processes", None, "multi-process: number of processes", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a tqdm progress bar", flag_values=fv)
-    fv(argv)
+    _check_config_file(argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise UserError(_flag_error_text(str(e))) from e
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
+        text = _flag_error_text(str(e))
+        key = re.match(r"'([^']+)'", text)
+        flag = next((a.split("=", 1)[0] for a in argv[1:] if key and a.startswith("--config.")
+                     and a.split("=", 1)[0].split(".")[-1] == key.group(1)), None)
+        hint = text[key.end():].strip(" ;") if key else text
+        hint = hint[:1].lower() + hint[1:]
+        raise UserError(f"{flag or 'a --config. override'}: no such config key" + (f"; {hint}" if hint else "")
+                        + " (every key and its default: llava_jax/train/defaults.py)") from e
     if fv.config is None:
-        raise SystemExit("llava-jax train: --config configs/X.py[:ARG] is required")
+        raise UserError("--config configs/X.py[:ARG] is required")
     if not fv.workdir:
-        raise SystemExit("llava-jax train: --workdir DIR is required")
+        raise UserError("--workdir DIR is required")
     return fv
+
+
+def _check_config_file(argv) -> None:
+    """config_flags defers a missing file's error to the first use of the config: say it now."""
+    from llava_jax.config_files import split_spec
+
+    for i, arg in enumerate(argv):
+        spec = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if spec is not None:
+            path, _ = split_spec(spec)
+            if not os.path.isfile(path):
+                raise UserError(f"config file {path!r} not found (from --config {spec!r}); the configs are in "
+                                "the repository's configs/ folder, e.g. configs/tiny.py:stage2")
+
+
+def _flag_error_text(text: str) -> str:
+    """One line from absl / ml_collections' flag errors: the config file's own exception (they embed
+    its traceback), and KeyError reprs unquoted ('\\'lrr\\'\\nDid you mean ...' -> 'lrr': did you mean ...)."""
+    if "Traceback (most recent call last)" in text:
+        head = re.match(r"flag (--config=\S+?): Error whilst", text)
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        last = re.sub(r"^\w+(?:\.\w+)*(?:Error|Exception): ", "", last.strip())
+        return f"{head.group(1) if head else 'config file'}: {last}"
+    for _ in range(3):  # KeyError(str) inside AttributeError(repr) nests quotes and escapes
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                text = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                break
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    return "; ".join(parts)
 
 
 def init_distributed(enabled: bool = False, coordinator_address: Optional[str] = None,
@@ -90,8 +144,8 @@ def resolve_tokenizer(config, workdir: Optional[str] = None):
         return AutoTokenizer.from_pretrained(workdir)
     if config.data.source == "synthetic":
         return synthetic_tokenizer(config)
-    raise ValueError("no tokenizer: set --config.tokenizer=FOLDER or --config.init.base=MODEL_FOLDER "
-                     f"(data.source={config.data.source!r} needs one)")
+    raise validate.ConfigError("no tokenizer: set --config.tokenizer=FOLDER or --config.init.base=MODEL_FOLDER "
+                               f"(data.source={config.data.source!r} needs one)")
 
 
 def synthetic_tokenizer(config, max_records: int = 1024):
@@ -218,8 +272,12 @@ class _StopSignal:
 # ----- the loop -------------------------------------------------------------------------------
 
 def train(config, workdir: str, *, data_factory: Optional[Callable] = None, progress: bool = True) -> dict:
-    """Run (or resume) training. -> {'status', 'step', 'masked_batches', 'last_metrics'}."""
+    """Run (or resume) training. -> {'status', 'step', 'masked_batches', 'last_metrics'}; a run whose
+    workdir already holds step total_steps trains nothing and adds already_done=True
+    (masked_batches None)."""
     data_factory = data_factory or default_data_factory
+    # Everything that would otherwise fail inside JAX / Grain / Orbax, said with its fix, before any work.
+    validate.check_train(config, jax.device_count(), jax.process_count())
     model_config = config_from_any(config.model)
     stage = int(config.stage)
     optim.trainable_roots(stage)  # validates the stage early
@@ -229,6 +287,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
     _say(f"mesh {dict(mesh.shape)} over {mesh.size} devices ({jax.process_count()} processes)")
 
     tokenizer = resolve_tokenizer(config, workdir)
+    validate.check_tokenizer(config, tokenizer)
     data_iter = data_factory(config, tokenizer, model_config, process_index=jax.process_index(),
                              process_count=jax.process_count())
     total_steps = resolve_total_steps(config, data_iter)
@@ -243,6 +302,12 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints))
 
     start = ckpt.latest_step()
+    if start is not None and start >= total_steps:
+        ckpt.close()
+        _say(f"already done: {workdir} holds step {start} of {total_steps}; nothing to train (raise "
+             f"--config.total_steps to continue, or use a new --workdir to start over)")
+        _say(f"the model is {workdir} (llava-jax chat --ckpt {workdir})")
+        return dict(status="finished", step=start, masked_batches=None, last_metrics={}, already_done=True)
     if start is not None:
         params, opt_state, data_state, meta = ckpt.restore(
             start, step_lib.merged_params(layout.abstract), layout.abstract["opt_state"])
@@ -316,6 +381,8 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         finally:
             ckpt.close()
             writer.close()
+    if status == "finished":
+        _say(f"finished step {step} of {total_steps}: the model is {workdir} (llava-jax chat --ckpt {workdir})")
     return dict(status=status, step=step, masked_batches=masked_batches, last_metrics=last)
 
 
