@@ -18,22 +18,26 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import hf_gguf  # noqa: E402
+from llava_jax import cli, hf_gguf, validate  # noqa: E402
 
 
 def main(argv=None) -> int:
+    cli.choose_platform()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", help=f"GGUF file (default: {hf_gguf.SMOLLM2_FILE} from the "
                         f"{hf_gguf.SMOLLM2_DIST} wheel)")
     parser.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
-    try:
-        out = hf_gguf.convert(args.gguf or hf_gguf.smollm2_gguf_path(), args.out)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"gguf_to_hf: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+
+    def work() -> int:
+        if args.gguf:
+            validate.require_file(args.gguf, "GGUF file (--gguf)", "the .gguf file in DIR")
+        print(f"wrote {hf_gguf.convert(args.gguf or hf_gguf.smollm2_gguf_path(), args.out)}")
+        return 0
+
+    return cli.run_script("gguf_to_hf", work, debug=args.debug,
+                          failures=(ValueError, FileNotFoundError, ImportError, OSError))
 
 
 if __name__ == "__main__":

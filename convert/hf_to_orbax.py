@@ -20,31 +20,45 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import checkpoint, hf_io  # noqa: E402
+from llava_jax import checkpoint, cli, hf_io, validate  # noqa: E402
+
+
+def check_inputs(hf_llava: str | None, clip: str | None, llm: str | None, projector: str | None,
+                 projector_type: str | None, tokenizer: str | None) -> None:
+    """The options go together and every input is a local folder (the projector: a file); raises a
+    UserError (a hub id gets the hint to download it) before anything is read."""
+    if hf_llava and (clip or llm or projector or projector_type):
+        raise validate.UsageError("--hf-llava cannot be combined with --clip/--llm/--projector/--projector-type")
+    if not hf_llava and not (clip and llm):
+        raise validate.UsageError("give either --hf-llava DIR, or both --clip DIR and --llm DIR")
+    for path, what in ((hf_llava, "llava-hf folder (--hf-llava)"), (clip, "CLIP folder (--clip)"),
+                       (llm, "LLaMA/Vicuna folder (--llm)"), (tokenizer, "tokenizer folder (--tokenizer)")):
+        if path:
+            validate.require_folder(path, what)
+    if projector:
+        validate.require_file(projector, "projector weights file (--projector)", "DIR/mm_projector.bin")
 
 
 def convert(out: str, hf_llava: str | None = None, clip: str | None = None, llm: str | None = None,
             projector: str | None = None, projector_type: str | None = None, image_token_id: int | None = None,
             tokenizer: str | None = None, seed: int = 0, progress: bool = True):
     """Write the model folder `out`; returns its LlavaConfig."""
+    check_inputs(hf_llava, clip, llm, projector, projector_type, tokenizer)
     if hf_llava:
-        if clip or llm or projector or projector_type:
-            raise ValueError("--hf-llava cannot be combined with --clip/--llm/--projector/--projector-type")
         config, params = hf_io.load_hf_llava(hf_llava, progress=progress)
         if image_token_id is not None:
             config = config.replace(image_token_id=image_token_id)
         tokenizer = tokenizer or hf_llava
-    elif clip and llm:
+    else:
         config, params = hf_io.load_clip_llm(clip, llm, projector=projector, projector_type=projector_type,
                                              image_token_id=image_token_id, seed=seed, progress=progress)
         tokenizer = tokenizer or llm
-    else:
-        raise ValueError("give either --hf-llava DIR, or both --clip DIR and --llm DIR")
     checkpoint.save_model(out, params, config, tokenizer_dir=tokenizer)
     return config
 
 
 def main(argv=None) -> int:
+    cli.choose_platform()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-llava", help="llava-hf folder (LlavaForConditionalGeneration)")
     parser.add_argument("--clip", help="CLIP folder (openai/clip-vit-large-patch14[-336] layout)")
@@ -57,17 +71,18 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", help="folder to copy tokenizer files from (default: --hf-llava or --llm)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised projector")
     parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         config = convert(args.out, hf_llava=args.hf_llava, clip=args.clip, llm=args.llm, projector=args.projector,
                          projector_type=args.projector_type, image_token_id=args.image_token_id,
                          tokenizer=args.tokenizer, seed=args.seed)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"hf_to_orbax: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out} (projector {config.projector_type}, {config.text.num_layers}-layer LLM, "
-          f"{config.vision.image_size}px vision tower)")
-    return 0
+        print(f"wrote {args.out} (projector {config.projector_type}, {config.text.num_layers}-layer LLM, "
+              f"{config.vision.image_size}px vision tower)")
+        return 0
+
+    return cli.run_script("hf_to_orbax", work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import checkpoint, hf_io  # noqa: E402
+from llava_jax import checkpoint, cli, hf_io  # noqa: E402
 from llava_jax.models.config import to_hf  # noqa: E402
 
 
@@ -33,19 +33,21 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_bytes: int = 5
 
 
 def main(argv=None) -> int:
+    cli.choose_platform()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="llava-jax model folder or training workdir")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         names = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"orbax_to_hf: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}: {', '.join(names)}")
-    return 0
+        print(f"wrote {args.out}: {', '.join(names)}")
+        return 0
+
+    return cli.run_script("orbax_to_hf", work, debug=args.debug)
 
 
 if __name__ == "__main__":

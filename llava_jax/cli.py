@@ -86,6 +86,30 @@ def debug_enabled(environ=os.environ) -> bool:
     return environ.get("LLAVA_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message with its white space (newlines too) folded into single spaces."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_script(prog: str, work, debug: bool = False,
+               failures: tuple = (ValueError, FileNotFoundError, ImportError)) -> int:
+    """The manners of `llava-jax` for a script of convert/: -> work()'s exit status, where a UserError
+    prints `PROG: error: MESSAGE` on one line and gives 2 (debug or LLAVA_JAX_DEBUG=1: its traceback),
+    and a conversion that fails on its input (`failures`) prints `PROG: MESSAGE` and gives 1."""
+    from llava_jax.validate import UserError
+
+    try:
+        return int(work() or 0)
+    except UserError as e:
+        if debug or debug_enabled():
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except failures as e:
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or debug_enabled()
@@ -106,8 +130,7 @@ def main(argv=None) -> int:
     except UserError as e:
         if debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"llava-jax {name}: error: {message}", file=sys.stderr, flush=True)
+        print(f"llava-jax {name}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         if debug:

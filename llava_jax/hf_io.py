@@ -350,6 +350,7 @@ def hf_llava_config(folder: str):
 
     from llava_jax.models.config import from_hf
 
+    _raw_config(folder)  # a folder without config.json: said here, not in transformers' traceback
     hf = transformers.AutoConfig.from_pretrained(folder)
     if hf.model_type != "llava":
         raise ValueError(f"{folder}/config.json has model_type {hf.model_type!r}; --hf-llava expects a llava-hf "
@@ -387,6 +388,7 @@ def clip_llm_config(clip_dir: str, llm_dir: str, projector_type: Optional[str] =
     from llava_jax.models.projector import projector_depth
 
     raw = _raw_config(llm_dir)
+    _raw_config(clip_dir)  # likewise for the CLIP folder
     projector_type = projector_type or raw.get("mm_projector_type") or "mlp2x_gelu"
     projector_depth(projector_type)  # ValueError naming the accepted forms
     vision = vision_from_hf(transformers.CLIPVisionConfig.from_pretrained(clip_dir).to_dict())

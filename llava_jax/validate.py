@@ -36,7 +36,11 @@ class ConfigError(UserError, ValueError):
 
 
 class NotAFolder(UserError, FileNotFoundError):
-    """A path that should be a local folder (a checkpoint, a HF model folder) does not exist."""
+    """A path that should be a local folder (a checkpoint, a HF model folder) or file does not exist."""
+
+
+class UsageError(UserError, ValueError):
+    """Command-line options that do not go together, or a required one that is missing."""
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -48,13 +52,14 @@ def looks_like_hub_id(path: str) -> bool:
     return bool(HUB_ID.match(str(path))) and not os.path.exists(path)
 
 
-def missing_folder_message(path: str, what: str) -> str:
-    """'no such <what>: PATH', with how to get the folder when PATH looks like a HuggingFace hub id."""
+def missing_folder_message(path: str, what: str, pass_as: str = "DIR") -> str:
+    """'no such <what>: PATH', with how to get the folder when PATH looks like a HuggingFace hub id
+    (`pass_as`: what of the downloaded folder to pass instead)."""
     message = f"no such {what}: {path}"
     if looks_like_hub_id(path):
         message += (f" (if {path} is a HuggingFace hub id: llava-jax reads local folders only; on a machine "
                     f"with network run `huggingface-cli download {path} --local-dir DIR`, copy DIR here "
-                    f"and pass DIR)")
+                    f"and pass {pass_as})")
     return message
 
 
@@ -62,6 +67,15 @@ def require_folder(path: str, what: str = "folder") -> str:
     """Raise NotAFolder (with the hub-id hint) unless `path` is an existing local folder."""
     if not path or not os.path.isdir(path):
         raise NotAFolder(missing_folder_message(path, what))
+    return path
+
+
+def require_file(path: str, what: str = "file", pass_as: str = "the file in DIR") -> str:
+    """Raise NotAFolder (with the hub-id hint) unless `path` is an existing local file."""
+    if path and os.path.isdir(path):
+        raise NotAFolder(f"{what} {path} is a folder, not a file")
+    if not path or not os.path.isfile(path):
+        raise NotAFolder(missing_folder_message(path, what, pass_as))
     return path
 
 

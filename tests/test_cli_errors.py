@@ -4,6 +4,7 @@ line of `train`, a finished run's rerun, a quiet model load, SIGTERM on `serve`,
 Most cases run in-process through llava_jax.cli.main; three need a fresh interpreter."""
 import base64
 import contextlib
+import importlib.util
 import io
 import logging
 import signal
@@ -39,6 +40,47 @@ def test_hub_id_where_a_folder_is_expected(capsys):
     line = _fails(capsys, ["chat", "--ckpt", HUB_ID, "--prompt", "hi"], "chat")
     assert f"no such checkpoint (a llava-jax model folder or training workdir): {HUB_ID}" in line
     assert f"huggingface-cli download {HUB_ID} --local-dir DIR" in line and "pass DIR" in line
+
+
+def _convert_main(script: str):
+    """The main() of a convert/ script, loaded in this process."""
+    spec = importlib.util.spec_from_file_location(f"convert_{script[:-3]}", REPO / "convert" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _convert_fails(capsys, script, *args) -> str:
+    """A convert/ script's user error: exit 2 and exactly one line, `<script>: error: ...` -> that line."""
+    assert _convert_main(script)([str(a) for a in args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{script[:-3]}: error: "), lines
+    return lines[0]
+
+
+def test_convert_scripts_refuse_hub_ids_and_missing_inputs_in_one_line(capsys, tmp_path, monkeypatch):
+    platform_chosen = []
+    monkeypatch.setattr(cli, "choose_platform", lambda: platform_chosen.append(True))
+    out, hint = tmp_path / "out", f"huggingface-cli download {HUB_ID} --local-dir DIR"
+    line = _convert_fails(capsys, "hf_to_orbax.py", "--hf-llava", HUB_ID, "--out", out)
+    assert f"no such llava-hf folder (--hf-llava): {HUB_ID} (if" in line and hint in line and "pass DIR)" in line
+    line = _convert_fails(capsys, "hf_to_orbax.py", "--clip", tmp_path / "clip", "--llm", tmp_path, "--out", out)
+    assert line == f"hf_to_orbax: error: no such CLIP folder (--clip): {tmp_path / 'clip'}"
+    line = _convert_fails(capsys, "hf_to_orbax.py", "--clip", tmp_path, "--llm", tmp_path, "--projector", HUB_ID,
+                          "--out", out)
+    assert "no such projector weights file (--projector)" in line and "pass DIR/mm_projector.bin)" in line
+    line = _convert_fails(capsys, "hf_to_orbax.py", "--clip", tmp_path, "--llm", tmp_path, "--projector", tmp_path,
+                          "--out", out)
+    assert line == f"hf_to_orbax: error: projector weights file (--projector) {tmp_path} is a folder, not a file"
+    line = _convert_fails(capsys, "hf_to_orbax.py", "--hf-llava", tmp_path, "--llm", tmp_path, "--out", out)
+    assert "--hf-llava cannot be combined with --clip/--llm" in line
+    line = _convert_fails(capsys, "orbax_to_hf.py", "--ckpt", HUB_ID, "--out", out)
+    assert f"no such checkpoint (a llava-jax model folder or training workdir): {HUB_ID}" in line and hint in line
+    line = _convert_fails(capsys, "gguf_to_hf.py", "--gguf", tmp_path / "x.gguf", "--out", out)
+    assert line == f"gguf_to_hf: error: no such GGUF file (--gguf): {tmp_path / 'x.gguf'}"
+    assert len(platform_chosen) == 7 and not out.exists()
+    with pytest.raises(validate.NotAFolder):
+        _convert_main("orbax_to_hf.py")(["--ckpt", HUB_ID, "--out", str(out), "--debug"])
 
 
 def test_unknown_config_file_and_argument(capsys, tmp_path):
@@ -156,6 +198,11 @@ def test_cpu_only_machine_runs_quietly_without_jax_platforms(tmp_path):
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.strip() == "", proc.stderr[-3000:]
+    # a convert script given a hub id: one line, no traceback, no TPU probing, no network
+    proc = subprocess.run([sys.executable, "convert/hf_to_orbax.py", "--hf-llava", HUB_ID, "--out", str(tmp_path)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"hf_to_orbax: error: no such llava-hf folder (--hf-llava): {HUB_ID}")
 
 
 def test_sigterm_stops_serve_cleanly(trained):

@@ -319,3 +319,16 @@ def test_export_pads_a_vocabulary_without_the_placeholder(reference_params, tmp_
     np.testing.assert_allclose(got[..., :128], np.asarray(ours(ids, pixels)), atol=1e-4, rtol=1e-4)
     embed = hf.get_input_embeddings().weight.detach().numpy()
     np.testing.assert_allclose(embed[128:], np.broadcast_to(embed[:128].mean(0), (64, embed.shape[1])), atol=1e-6)
+
+
+def test_a_folder_without_config_json_is_named_in_one_line(tmp_path, capsys):
+    """Not transformers' traceback: the folder exists, but is not a HF model folder."""
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text("{}")
+    assert _script_main("hf_to_orbax.py", "--hf-llava", tmp_path / "clip", "--out", tmp_path / "out") == 1
+    assert capsys.readouterr().err.strip() == f"hf_to_orbax: no config.json in {tmp_path / 'clip'}"
+    assert _script_main("hf_to_orbax.py", "--clip", tmp_path / "clip", "--llm", tmp_path / "llm",
+                        "--out", tmp_path / "out") == 1
+    assert capsys.readouterr().err.strip() == f"hf_to_orbax: no config.json in {tmp_path / 'clip'}"
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -219,6 +220,13 @@ def test_a_repeating_stream_of_only_bad_records_stops_with_an_error(tok, tmp_pat
     with pytest.raises(pipeline.DataError, match="2 records in a row were skipped"):
         next(it)
     assert it.skips.counts["missing_image"] >= 1 and it.skips.counts["empty_answer"] >= 1
+
+@pytest.mark.parametrize("template, why", [("chatml", "closes answers with '<|im_end|>'"),
+                                           ("tokenizer", "needs a tokenizer with a chat_template")])
+def test_a_template_the_tokenizer_cannot_serve_fails_at_set_up(tok, template, why):
+    """Not one unexpected_error skip per record: the iterator is refused before it reads a record."""
+    with pytest.raises(conv.TemplateMismatch, match=re.escape(why)):
+        iterator(short_source(), tok, template=template)
 
 # ----- global arrays ------------------------------------------------------------------------------
 

@@ -50,6 +50,22 @@ def test_json_and_jsonl(tmp_path):
         sources.JsonSource(str(bad))
 
 
+def test_record_helpers_live_in_records_and_stay_importable_where_they_were():
+    """sources (reading) and tfds_builder (writing) share llava_jax.data.records, not each other."""
+    import ast
+    import inspect
+
+    from llava_jax.data import records, tfds_builder
+
+    assert (sources.read_llava_json, sources.raw_to_record) == (records.read_llava_json, records.raw_to_record)
+    assert (tfds_builder.example_to_record, tfds_builder.find_dataset_dir) == (records.example_to_record,
+                                                                               records.find_dataset_dir)
+    assert (tfds_builder.DATASET_NAME, tfds_builder.VERSION) == (records.DATASET_NAME, records.VERSION)
+    for module, other in ((sources, "llava_jax.data.tfds_builder"), (tfds_builder, "llava_jax.data.sources")):
+        imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(module))) if isinstance(n, ast.ImportFrom)}
+        assert other not in imported, module.__name__
+
+
 def test_mixture_weights(tmp_path):
     a = [{"id": f"a{i}", "conversations": []} for i in range(10)]
     b = [{"id": f"b{i}", "conversations": []} for i in range(4)]

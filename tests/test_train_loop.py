@@ -8,9 +8,10 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from _multidevice import REPO, subprocess_env
-from llava_jax import checkpoint
+from llava_jax import checkpoint, validate
 from llava_jax.train import loop
 from llava_jax.train.metrics import read_metrics
 
@@ -107,3 +108,34 @@ def test_stage2_starts_from_stage1_projector_and_base_weights(tmp_path):
     assert same(got["vision_tower"], base_params["vision_tower"])
     assert not same(got["language_model"], stage1["language_model"])
     assert json.loads((s2 / "config.json").read_text())["text"]["vocab_size"] == 128
+
+
+@pytest.mark.parametrize("template", ["chatml", "chatml_direct"])
+def test_synthetic_tokenizer_serves_the_chatml_templates(template):
+    """<|im_start|> and <|im_end|> are special tokens of the built-in tokenizer; every answer of a
+    batch ends with <|im_end|> as a target, and <|im_start|> never is one."""
+    from llava_jax.config_files import load_config
+    from llava_jax.data import conversation as conv
+    from llava_jax.data.pipeline import make_train_iterator
+    from llava_jax.models.config import config_from_any
+
+    config = load_config(f"{TINY}:stage2")
+    config.data.template = template
+    tok = loop.synthetic_tokenizer(config)
+    end, start = conv.check_tokenizer(template, tok), tok.convert_tokens_to_ids(conv.IM_START)
+    assert tok.convert_ids_to_tokens([start, end]) == ["<|im_start|>", "<|im_end|>"] and start in tok.all_special_ids
+    assert tok.convert_tokens_to_ids("<image>") == 127 and len(tok) == 128
+    batch = next(make_train_iterator(config, tok, config_from_any(config.model), process_index=0, process_count=1))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert (labels == end).sum(axis=1).min() >= 1 and not (labels == start).any()
+    assert not (labels == tok.unk_token_id).all(axis=1).any()
+
+
+def test_synthetic_tokenizer_refuses_the_tokenizer_template():
+    from llava_jax.config_files import load_config
+
+    config = load_config(f"{TINY}:stage2")
+    config.data.template = "tokenizer"
+    with pytest.raises(validate.ConfigError, match="the synthetic source's built-in tokenizer has none; "
+                                                   "set --config.data.template=chatml"):
+        loop.synthetic_tokenizer(config)

@@ -92,9 +92,12 @@ class SampleSpec:
 
 class SampleBuilder:
     """record -> {'id', 'input_ids', 'labels', 'pixel_values' (n, H, W, 3)} or a skip marker
-    {'id', 'skip': reason, 'message'}. Never raises for bad data (strictness is the consumer's)."""
+    {'id', 'skip': reason, 'message'}. Never raises for bad data (strictness is the consumer's);
+    a template the tokenizer cannot serve is refused here, at set-up (conv.TemplateMismatch), not
+    skipped record by record."""
 
     def __init__(self, tokenizer, spec: SampleSpec):
+        conv.check_tokenizer(spec.template, tokenizer)
         self.tokenizer, self.spec = tokenizer, spec
 
     def __call__(self, record) -> dict:

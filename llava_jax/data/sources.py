@@ -1,62 +1,18 @@
 """Random-access record sources: LLaVA JSON/JSONL + image folder, ArrayRecord shards, mixtures, and
 a small synthetic dataset.
 
-Every source has `len()` and `source[i] -> record`, the protocol Grain reads. A record is a dict:
-  id             str, names the record in logs and errors ("<file>#<index>" when the JSON has no id)
-  conversations  the LLaVA JSON list [{"from": "human"|"gpt", "value": str}, ...] (unvalidated)
-  image          None (text-only), a file path, encoded image bytes, or a uint8 array
-  error          present only when the record itself could not be read (bad JSONL line, not a dict)
-Validation happens when a record becomes a sample (llava_jax.data.pipeline), so a bad record is
-skipped and counted there instead of stopping a long job here.
+Every source has `len()` and `source[i] -> record`, the protocol Grain reads; llava_jax.data.records
+says what a record holds (and read_llava_json / raw_to_record, importable from here too, live there).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from llava_jax.data.conversation import IMAGE_PLACEHOLDER
-
-
-def read_llava_json(path: str) -> list:
-    """A LLaVA JSON list or a JSONL file -> list of raw entries. A JSONL line that does not parse
-    becomes an entry with 'error' (skipped and counted later); a JSON file that does not parse raises."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return data
-    entries = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            entries.append({"id": f"{os.path.basename(path)}:{lineno}", "error": f"line {lineno}: bad JSON ({e})"})
-    return entries
-
-
-def raw_to_record(raw, fallback_id: str, image_folder: Optional[str] = None) -> dict:
-    """One LLaVA JSON entry -> a record; the image path is resolved against `image_folder`."""
-    if not isinstance(raw, dict):
-        return {"id": fallback_id, "conversations": None, "image": None,
-                "error": f"entry must be a JSON object, found {type(raw).__name__}"}
-    record = {"id": str(raw.get("id", fallback_id)), "conversations": raw.get("conversations"), "image": None}
-    if "error" in raw:
-        record["error"] = raw["error"]
-    image = raw.get("image")
-    if isinstance(image, list):  # some mixtures store a list; LLaVA v1/v1.5 use one image per sample
-        image = image[0] if len(image) == 1 else image
-    if image:
-        record["image"] = os.path.join(image_folder, image) if image_folder and isinstance(image, str) else image
-    return record
+from llava_jax.data.records import example_to_record, find_dataset_dir, raw_to_record, read_llava_json
 
 
 class JsonSource:
@@ -126,8 +82,6 @@ class ArrayRecordSource:
     def __init__(self, directory: str, split: str = "train"):
         import tensorflow_datasets as tfds
 
-        from llava_jax.data.tfds_builder import find_dataset_dir
-
         self.directory = find_dataset_dir(directory)
         self.split = split
         builder = tfds.builder_from_directory(self.directory)
@@ -140,8 +94,6 @@ class ArrayRecordSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        from llava_jax.data.tfds_builder import example_to_record
-
         return example_to_record(self._source[index])
 
     def __repr__(self):

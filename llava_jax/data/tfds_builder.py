@@ -14,10 +14,13 @@ from typing import Optional
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+# example_to_record and find_dataset_dir are the reading side (llava_jax.data.records); importable from here too
+from llava_jax.data.records import (DATASET_NAME, VERSION, example_to_record, find_dataset_dir, raw_to_record,
+                                    read_llava_json)
 
-DATASET_NAME = "llava_records"
-VERSION = "1.0.0"
+__all__ = ["DATASET_NAME", "VERSION", "example_to_record", "find_dataset_dir", "prepare", "record_to_example"]
+
+log = logging.getLogger(__name__)
 
 
 def _builder_class():
@@ -55,8 +58,6 @@ def _builder_class():
         def _generate_examples(self):
             from tqdm.auto import tqdm
 
-            from llava_jax.data.sources import raw_to_record, read_llava_json
-
             entries = read_llava_json(self._json_path)
             name = os.path.basename(self._json_path)
             bar = tqdm(entries, desc=f"encoding {name}", unit="rec", disable=not self._progress)
@@ -90,27 +91,6 @@ def record_to_example(record: dict, image_folder: str, missing: list) -> dict:
             "image": data, "image_path": image_path, "image_missing": is_missing}
 
 
-def example_to_record(example: dict) -> dict:
-    """What `as_data_source()` returns for one example -> a record (see llava_jax.data.sources)."""
-    def text(x):
-        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-    record = {"id": text(example["id"]), "image": None}
-    conversations = json.loads(text(example["conversations"]))
-    if isinstance(conversations, dict) and "error" in conversations:
-        record["error"] = conversations["error"]
-        conversations = None
-    record["conversations"] = conversations
-    path = text(example["image_path"])
-    if path:
-        if int(example["image_missing"]):
-            record["image"] = path  # resolves to a missing file: skipped and counted as missing_image
-            record["image_missing"] = True
-        else:
-            record["image"] = bytes(example["image"])
-    return record
-
-
 def prepare(json_path: str, image_folder: str, out_dir: str, split: str = "train", progress: bool = True) -> dict:
     """Write the ArrayRecord shards; returns {'directory', 'records', 'missing_images'}."""
     import tensorflow_datasets as tfds
@@ -120,14 +100,3 @@ def prepare(json_path: str, image_folder: str, out_dir: str, split: str = "train
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
     return {"directory": builder.data_dir, "records": builder.info.splits[split].num_examples,
             "missing_images": list(builder.missing_images)}
-
-
-def find_dataset_dir(directory: str) -> str:
-    """Accept the --out folder of `data prepare` or the versioned dataset folder inside it."""
-    if os.path.isfile(os.path.join(directory, "dataset_info.json")):
-        return directory
-    candidate = os.path.join(directory, DATASET_NAME, VERSION)
-    if os.path.isfile(os.path.join(candidate, "dataset_info.json")):
-        return candidate
-    raise FileNotFoundError(f"no prepared dataset in {directory} (expected {candidate}/dataset_info.json; "
-                            f"create it with `llava-jax data prepare --json FILE --images DIR --out {directory}`)")

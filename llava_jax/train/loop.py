@@ -152,6 +152,8 @@ def synthetic_tokenizer(config, max_records: int = 1024):
     """A word-level tokenizer over the synthetic source's rendered text, sized to the model: the most
     frequent words fill the ids below image_token_id (rarer ones become <unk>) and `<image>` takes
     image_token_id (llava-hf convention). Word-level keeps the tiny models' rows short.
+    For the templates that close answers with a special token (chatml, chatml_direct) `<|im_start|>`
+    and `<|im_end|>` are special tokens too, and a newline is a word of its own.
     Deterministic; it is also saved in the workdir, where a resumed run finds it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -159,25 +161,34 @@ def synthetic_tokenizer(config, max_records: int = 1024):
     from llava_jax.data import conversation as conv
     from llava_jax.data.pipeline import make_source
 
+    template = conv.get_template(config.data.template)
+    if template.style == "hf":
+        raise validate.ConfigError(f"data.template={config.data.template!r} renders with a tokenizer's own "
+                                   f"chat_template, and the synthetic source's built-in tokenizer has none; "
+                                   f"set --config.data.template=chatml (or vicuna_v1), or "
+                                   f"--config.tokenizer=FOLDER with a chat_template")
     mc = config_from_any(config.model)
     base_size = int(mc.image_token_id)
-    specials = ["<unk>", "<s>", "</s>"]
+    markers = [conv.IM_START, template.end] if template.end else []  # ChatML's turn markers
+    specials = ["<unk>", "<s>", "</s>"] + markers
+    splits = [pre_tokenizers.Split("\n", behavior="isolated")] if markers else []
     source = make_source(config, mc, "train")
     texts = []
     for i in range(min(len(source), max_records)):
-        text = conv.render(source[i]["conversations"], config.data.template)
+        text = conv.render(source[i]["conversations"], template)
         for token in specials + [conv.IMAGE_PLACEHOLDER]:
             text = text.replace(token, " ")
         texts.append(text)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=base_size, special_tokens=specials,
                                                              show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<unk>", padding_side="right")
+                                   pad_token="<unk>", padding_side="right",
+                                   **({"additional_special_tokens": markers} if markers else {}))
     filler = base_size - len(fast)
     if filler > 0:  # unused ids so that <image> lands on image_token_id
         fast.add_tokens([f"<unused_{i}>" for i in range(filler)], special_tokens=True)
