@@ -535,12 +535,13 @@ def main(argv=None) -> int:
                          batch_window_s=args.batch_window_ms / 1000)
     server.verbose = args.verbose
     host, port = server.server_address[:2]
-    print(f"serving {model_id!r} on http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
     # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: a Python handler also replaces the native
-    # failure handler that would print "*** SIGTERM received ..." with a stack trace.
+    # failure handler that would print "*** SIGTERM received ..." with a stack trace. Installed before
+    # the "serving" line, so a client that stops the server as soon as it reads that line is handled.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
+        print(f"serving {model_id!r} on http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("llava-jax serve: stopped", file=sys.stderr, flush=True)
