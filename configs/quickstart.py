@@ -1,8 +1,8 @@
-"""The quickstart's stages as training configs (the model is llava_jax.quickstart.config's).
+"""The quickstart's stage 2 as a training config (the model is llava_jax.quickstart.config's).
 
-`llava-jax quickstart` runs them all; to rerun one stage by hand on an existing quickstart folder:
-  llava-jax train --config configs/quickstart.py:stage2 --workdir W --config.data.json_path=...
-ARG is lm | stage1 | stage2 (default stage2); data paths point into ./quickstart_out.
+`llava-jax quickstart` runs the whole recipe; to rerun stage 2 by hand on an existing quickstart folder:
+  llava-jax train --config configs/quickstart.py --workdir W
+It starts from ./quickstart_out/stage1 (the aligned model) and reads ./quickstart_out/data/vqa.json.
 """
 from llava_jax.quickstart.config import stage_config
 

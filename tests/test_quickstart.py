@@ -1,5 +1,6 @@
-"""The quickstart: its data path, the default recipe reading the image (counting) and answering through
-chat, and the accuracy target of issue #6 (slow, expected to fail until it is met)."""
+"""The quickstart: its data path, the CLIP-style tower, the stage-1 alignment, the fast recipe end to end
+(answering through chat exactly as the evaluation did), and the accuracy target of issue #14 (slow,
+expected to fail until it is met)."""
 import json
 import os
 import subprocess
@@ -55,69 +56,88 @@ def test_world_backend_records_agree_with_the_scenes(tmp_path):
     assert kinds == set(prompts.KINDS)
 
 
-def test_vqa_and_text_records_hold_the_annotated_answers():
+def test_vqa_records_hold_the_annotated_answers():
     scene = S.make_scene(2, 7)
     truth = {(q.question, q.answer) for q in S.questions(scene)}
     turns = instructions.vqa_record(scene)["conversations"]
+    assert turns[0]["value"].startswith("<image>\n")
     for q, a in zip(turns[0::2], turns[1::2]):
-        question = q["value"].replace("<image>\n", "").replace("\n" + S.SHORT_ANSWER_SUFFIX, "")
-        assert (question, a["value"]) in truth
-    read, write = instructions.text_records(scene)
-    passage = read["conversations"][0]["value"]
-    assert S.mentioned_objects(passage) == {(o.color, o.shape) for o in scene.objects}
-    assert write["conversations"][1]["value"] in S.captions(scene)
+        assert (q["value"].replace("<image>\n", ""), a["value"]) in truth
+    # one question per object plus the count
+    assert len(turns) == 2 * (len(scene.objects) + 1)
+
+
+def test_alignment_targets_spell_each_quadrant_in_words():
+    """Each 2 x 2 block of image tokens is aligned to colour, shape and the two position words of
+    its quadrant (an empty quadrant: "no object"), and the read-out finds those words again."""
+    import numpy as np
+
+    from llava_jax.quickstart import align
+
+    scene = S.make_scene(0, 3)
+    words = align.slot_words(scene)
+    vocab = sorted({w for quadrant in words for w in quadrant} | set(S.COLORS) | set(S.SHAPES) | {"no", "object"})
+
+    class WordTokenizer:  # one id per word
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [vocab.index(text.strip())]}
+
+    embedding = np.random.default_rng(0).normal(size=(len(vocab), 8)).astype(np.float32)
+    targets = align.token_targets([scene], WordTokenizer(), embedding, grid=4)
+    for quadrant, position in enumerate(S.POSITIONS):
+        obj = next((o for o in scene.objects if o.position == position), None)
+        expected = ([obj.color, obj.shape] if obj else ["no", "object"]) + position.split()
+        row, col = 2 * (quadrant // 2), 2 * (quadrant % 2)
+        block = [targets[0, r * 4 + c] for r in (row, row + 1) for c in (col, col + 1)]
+        for vec, word in zip(block, expected):
+            np.testing.assert_array_equal(vec, embedding[vocab.index(word)])
+    assert align.nearest_word_accuracy(targets, [scene], WordTokenizer(), embedding) == {"color": 1.0, "shape": 1.0}
+    with pytest.raises(ValueError, match="4 x 4 patch grid"):
+        align.token_targets([scene], WordTokenizer(), embedding, grid=2)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue #6: within the quickstart's step budget the model learns counting but not yet "
-                          "the colour/shape/position questions, which need question-to-image binding", strict=False)
-def test_fast_quickstart_learns_and_chat_answers(tmp_path):
+@pytest.mark.xfail(reason="issue #14: the default recipe on SmolLM2 reads colours, counts and some positions from "
+                          "the image but stays below the 0.80 target within 10 minutes on 2 cores", strict=False)
+def test_quickstart_reaches_the_accuracy_target(tmp_path):
     from llava_jax.quickstart import main
 
     out = tmp_path / "qs"
-    assert main(["--fast", "--quiet", "--no-ablation", "--out", str(out)]) == 0
+    assert main(["--quiet", "--out", str(out)]) == 0
     report = json.load(open(out / "report.json"))
-    assert report["accuracy"] >= report["chance_accuracy"] + 0.3, report["accuracy_by_type"]
-    assert (out / "report.md").exists() and (out / "report.png").exists()
-
-    # The checkpoint answers through the chat command, about a held-out image.
-    scene = next(s for s in S.make_scenes(0, 40, "eval") if len(s.objects) >= 2)
-    obj = scene.objects[0]
-    image = out / "world" / "eval" / scene.file_name
-    cmd = [sys.executable, "-m", "llava_jax.cli", "chat", "--ckpt", str(out / "stage2"), "--image", str(image),
-           "--prompt", f"What color is the {obj.shape}?\n{S.SHORT_ANSWER_SUFFIX}", "--max-new-tokens", "8"]
-    reply = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert reply.returncode == 0, reply.stderr[-2000:]
-    assert S.grade("color", reply.stdout, obj.color), reply.stdout
+    assert report["accuracy"] >= 0.80, report["accuracy_by_type"]
+    assert min(report["accuracy_by_type"].values()) >= 0.60, report["accuracy_by_type"]
+    assert report["accuracy_other_image"] <= report["chance_accuracy"] + 0.15, report
+    assert report["minutes"] <= 10, report["stage_seconds"]
 
 
-def test_quickstart_reads_the_image_and_chat_answers(tmp_path):
-    """The default-size recipe without the ablation (~4.5 min on 2 cores): the part of the task it
-    learns today, counting, must stay well above chance (it can only come from the image), and the
-    stage-2 checkpoint must answer through `llava-jax chat`. The 0.80 target over all question types
-    is the slow test above (issue #6)."""
+def test_fast_quickstart_end_to_end_and_chat_agrees_with_the_evaluation(tmp_path):
+    """The fast recipe (~5 min on 2 cores) runs every stage on SmolLM2 and writes the report; the
+    stage-1 projector reads colours off the image tokens; the stage-2 checkpoint answers through
+    `llava-jax chat` (its own prompt building, one row) exactly what the batched evaluation replied
+    to the same question about the same held-out image."""
     from llava_jax.quickstart import main
 
     out = tmp_path / "qs"
-    assert main(["--quiet", "--no-ablation", "--out", str(out)]) == 0
+    assert main(["--fast", "--quiet", "--out", str(out)]) == 0
     report = json.load(open(out / "report.json"))
-    assert set(report) >= {"accuracy", "accuracy_by_type", "accuracy_without_stage1", "chance_accuracy", "minutes"}
-    assert report["accuracy_by_type"]["count"] >= 0.6, report["accuracy_by_type"]  # chance 0.25
-    assert report["accuracy"] >= report["chance_accuracy"] + 0.05, report["accuracy_by_type"]
+    assert set(report) >= {"accuracy", "accuracy_by_type", "accuracy_other_image", "chance_accuracy", "minutes",
+                           "stage1"}
+    assert report["stage1"]["nearest_word"]["color"] >= 0.8, report["stage1"]  # chance 1/7
     assert (out / "report.md").exists() and (out / "report.png").exists() and (out / "example.png").exists()
+    assert json.load(open(out / "stage2" / "inference.json"))["template"] == "chatml"
 
-    # A held-out image whose count the evaluation got right: chat (one row, its own prompt
-    # building and generation call) must give that answer too.
-    answers = json.load(open(out / "answers.json"))["with_stage1"]
-    right = next(a for a in answers if a["type"] == "count" and a["correct"] and a["answer"] != "1")
-    image = out / "world" / "eval" / f"{right['scene']}.png"
+    answers = json.load(open(out / "answers.json"))["answers"]
+    # A question the evaluation answered right (a reply with a clear margin, so that the one-row and
+    # the batched computation cannot differ on a near-tie), else the first one.
+    asked = next((a for a in answers if a["correct"]), answers[0])
+    image = out / "world" / "eval" / f"{asked['scene']}.png"
     cmd = [sys.executable, "-m", "llava_jax.cli", "chat", "--ckpt", str(out / "stage2"), "--image", str(image),
-           "--prompt", f"{right['question']}\n{S.SHORT_ANSWER_SUFFIX}", "--max-new-tokens", "6"]
+           "--prompt", asked["question"], "--max-new-tokens", "6"]
     reply = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert reply.returncode == 0, reply.stderr[-2000:]
-    assert S.grade("count", reply.stdout, right["answer"]), (reply.stdout, right)
+    assert reply.stdout.strip() == asked["reply"], (reply.stdout, asked)
 
 
 def test_contrastive_pretraining_pulls_images_towards_their_captions():
@@ -144,6 +164,9 @@ def test_contrastive_pretraining_pulls_images_towards_their_captions():
     tower, history = contrastive.train(vision, images, captions, negatives, tokenize, len(vocab) + 2, cfg)
     assert np.mean([h["loss"] for h in history[-5:]]) < 0.7 * np.mean([h["loss"] for h in history[:3]]), history
     assert isinstance(tower, nnx.Module)
+    with pytest.raises(ValueError, match="region_labels"):
+        contrastive.train(vision, images, captions, negatives, tokenize, len(vocab) + 2,
+                          contrastive.ContrastiveConfig(steps=1, region_weight=1.0))
     with pytest.raises(ValueError, match="pooling"):
         contrastive.ContrastiveModel(vision, 8, contrastive.ContrastiveConfig(pool="max"), 8, rngs=nnx.Rngs(0))
 
@@ -154,10 +177,10 @@ def test_a_new_run_replaces_only_the_previous_runs_outputs(tmp_path):
     from llava_jax.quickstart.run import clear_previous_run
 
     (tmp_path / "stage2" / "checkpoints" / "250").mkdir(parents=True)
-    (tmp_path / "lm").mkdir()
+    (tmp_path / "stage1").mkdir()
     (tmp_path / "report.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine").mkdir()
-    assert sorted(clear_previous_run(str(tmp_path))) == ["lm", "report.json", "stage2"]
+    assert sorted(clear_previous_run(str(tmp_path))) == ["report.json", "stage1", "stage2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
     assert clear_previous_run(str(tmp_path)) == []

@@ -246,7 +246,16 @@ _PHRASINGS = {
     "count": ("How many objects are in the image?", "How many shapes are there?", "Count the shapes in the picture."),
     "position": ("Where is the {name}?", "In which part of the image is the {name}?", "Where is the {name} located?"),
 }
-SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+
+
+# What one quadrant can hold, as short texts: every '<colour> <shape>' and "nothing".
+REGION_TEXTS = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES) + ("nothing",)
+
+
+def region_labels(scene: Scene) -> np.ndarray:
+    """(4,) indices into REGION_TEXTS: what each quadrant holds, in POSITIONS order."""
+    at = {o.position: REGION_TEXTS.index(o.name) for o in scene.objects}
+    return np.asarray([at.get(p, len(REGION_TEXTS) - 1) for p in POSITIONS], np.int32)
 
 
 def chance_accuracy(question_type: str) -> float:

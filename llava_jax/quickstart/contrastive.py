@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import grain
 import jax
@@ -43,6 +43,15 @@ class ContrastiveConfig:
     # "cls": CLIP's own pooling (post-layernormed CLS token of the last layer).
     pool: str = "patch_mean"
     feature_layer: int = -2
+    # Region term (weight 0 = off): the patch grid is cut into region_grid x region_grid blocks
+    # (the world's quadrants) and every patch token is contrasted against the texts of every
+    # possible region content ("red circle", ..., "nothing"), its own block's being the match.
+    # Whole-image captions name up to four objects at once, so they teach colours quickly but
+    # shapes slowly; a region text names one object, and asking it of each patch token (not of a
+    # pooled block) makes every token say what its quadrant holds: each image token LLaVA's
+    # projector reads then carries its object, not a corner of it (RegionCLIP-style).
+    region_weight: float = 0.0
+    region_grid: int = 2
 
 
 class TextEncoder(nnx.Module):
@@ -86,6 +95,23 @@ class ContrastiveModel(nnx.Module):
     def embed_texts(self, token_ids, lengths):
         return _unit(self.text_encoder(token_ids, lengths))
 
+    def embed_patches(self, pixels):
+        """(N, T, embed_dim): every patch token at the feature layer, projected and normalised."""
+        (hidden,) = self.vision_tower.select_hidden_states(pixels, (self.feature_layer,))
+        return _unit(self.visual_projection(hidden[:, 1:]))
+
+    def region_loss(self, pixels, region_labels, phrase_ids, phrase_lengths, grid: int):
+        """Cross-entropy of every patch token against all region texts (phrase_ids: every possible
+        content); a patch's label is its region's (region_labels (N, grid*grid), row-major blocks)."""
+        patches = self.embed_patches(pixels)
+        side = int(round(math.sqrt(patches.shape[1])))
+        block = (np.arange(side)[:, None] * grid // side) * grid + np.arange(side)[None, :] * grid // side
+        labels = region_labels[:, block.reshape(-1)]
+        phrases = self.embed_texts(phrase_ids, phrase_lengths)
+        scale = jnp.exp(jnp.minimum(self.logit_scale[...], math.log(100.0)))
+        logits = scale * patches @ phrases.T
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     def loss(self, pixels, token_ids, lengths, negative_ids, negative_lengths):
         """Symmetric cross-entropy over the batch's image-caption similarity matrix, and accuracy.
 
@@ -125,7 +151,8 @@ def tokenize_captions(captions: list, tokenize: Callable, max_length: int) -> tu
 
 
 def pair_batches(images: np.ndarray, caption_ids: np.ndarray, caption_lengths: np.ndarray,
-                 negative_ids: np.ndarray, negative_lengths: np.ndarray, batch_size: int, seed: int):
+                 negative_ids: np.ndarray, negative_lengths: np.ndarray, batch_size: int, seed: int,
+                 region_labels: Optional[np.ndarray] = None):
     """Grain pipeline of shuffled (image, one of its captions) batches, repeating forever.
 
     Each epoch is a new shuffle and takes the next caption of every image. Arrays are gathered in
@@ -137,19 +164,27 @@ def pair_batches(images: np.ndarray, caption_ids: np.ndarray, caption_lengths: n
 
     def gather(pairs):
         index, which = pairs
-        return {"pixels": images[index], "token_ids": caption_ids[index, which],
-                "lengths": caption_lengths[index, which], "negative_ids": negative_ids[index, which],
-                "negative_lengths": negative_lengths[index, which]}
+        batch = {"pixels": images[index], "token_ids": caption_ids[index, which],
+                 "lengths": caption_lengths[index, which], "negative_ids": negative_ids[index, which],
+                 "negative_lengths": negative_lengths[index, which]}
+        if region_labels is not None:
+            batch["regions"] = region_labels[index]
+        return batch
 
     return ds.map(gather)
 
 
 def train(vision: VisionConfig, images: np.ndarray, captions: list, negatives: list, tokenize: Callable,
-          vocab_size: int, cfg: ContrastiveConfig, max_length: int = 48, progress: Optional[Callable] = None):
+          vocab_size: int, cfg: ContrastiveConfig, max_length: int = 48, progress: Optional[Callable] = None,
+          region_labels: Optional[np.ndarray] = None, region_texts: Sequence[str] = ()):
     """Train image and text towers contrastively; returns (vision tower module, per-step metrics).
 
     captions[i]: the captions of image i; negatives[i][k]: a caption that differs from captions[i][k]
-    in what the tower must learn to see (here: the shapes)."""
+    in what the tower must learn to see (here: the shapes). With cfg.region_weight > 0,
+    region_labels[i, r] is the index into region_texts of what region r of image i holds."""
+    use_regions = cfg.region_weight > 0
+    if use_regions and (region_labels is None or not len(region_texts)):
+        raise ValueError("region_weight > 0 needs region_labels and region_texts")
     model = ContrastiveModel(vision, vocab_size, cfg, max_length, rngs=nnx.Rngs(cfg.seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
@@ -159,8 +194,13 @@ def train(vision: VisionConfig, images: np.ndarray, captions: list, negatives: l
     @jax.jit
     def step(params, opt_state, batch):
         def loss_fn(p):
-            return nnx.merge(graphdef, p).loss(batch["pixels"], batch["token_ids"], batch["lengths"],
-                                               batch["negative_ids"], batch["negative_lengths"])
+            m = nnx.merge(graphdef, p)
+            loss, accuracy = m.loss(batch["pixels"], batch["token_ids"], batch["lengths"], batch["negative_ids"],
+                                    batch["negative_lengths"])
+            if use_regions:
+                loss = loss + cfg.region_weight * m.region_loss(batch["pixels"], batch["regions"], phrase_ids,
+                                                                phrase_lengths, cfg.region_grid)
+            return loss, accuracy
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -168,8 +208,11 @@ def train(vision: VisionConfig, images: np.ndarray, captions: list, negatives: l
 
     caption_ids, caption_lengths = tokenize_captions(captions, tokenize, max_length)
     negative_ids, negative_lengths = tokenize_captions(negatives, tokenize, max_length)
+    if use_regions:
+        ids, lens = tokenize_captions([[t] for t in region_texts], tokenize, max_length)
+        phrase_ids, phrase_lengths = jnp.asarray(ids[:, 0]), jnp.asarray(lens[:, 0])
     data = pair_batches(images, caption_ids, caption_lengths, negative_ids, negative_lengths, cfg.batch_size,
-                        cfg.seed)
+                        cfg.seed, region_labels if use_regions else None)
     history = []
     for i in range(cfg.steps):
         params, opt_state, loss, accuracy = step(params, opt_state, data[i])

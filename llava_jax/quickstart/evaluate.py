@@ -1,7 +1,10 @@
-"""Held-out evaluation of a checkpoint: short-answer accuracy by question type, and descriptions.
+"""Held-out evaluation of a checkpoint: short-answer accuracy by question type, the same questions
+asked about another scene's image (does the model read the image?), and descriptions.
 
-Answers come from the same path as `llava-jax chat` (llava_jax.eval.answering: the checkpoint's
-template and image preprocessing, batched greedy generation).
+Questions are asked as they are, in their canonical wording ("What color is the circle?"), with no
+short-answer instruction appended: the stage-2 data teaches one-word answers to them. Answers come
+from the same path as `llava-jax chat` (llava_jax.eval.answering: the checkpoint's template and
+image preprocessing, batched greedy generation, stopping at the template's end token).
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import os
 from llava_jax.data import synthetic as S
 from llava_jax.datagen.prompts import DETAIL_INSTRUCTIONS
 from llava_jax.eval.answering import answer_all, load_chat_model
-from llava_jax.quickstart.instructions import short_question
 
 DESCRIBE = DETAIL_INSTRUCTIONS[0]
 
@@ -20,15 +22,20 @@ def chance_by_type() -> dict:
     return {t: S.chance_accuracy(t) for t in S.QUESTION_OPTIONS}
 
 
-def question_accuracy(chat, scenes, image_folder: str, *, batch_size: int = 64, progress: bool = True) -> dict:
-    """Every canonical question of every scene -> accuracy overall and by type, and the answers."""
-    items = [(scene, q) for scene in scenes for q in S.questions(scene, canonical=True)]
-    replies = answer_all(chat, [short_question(q.question) for _, q in items],
-                         [os.path.join(image_folder, s.file_name) for s, _ in items],
+def question_accuracy(chat, scenes, image_folder: str, *, shown=None, batch_size: int = 64,
+                      progress: bool = True) -> dict:
+    """Every canonical question of every scene -> accuracy overall and by type, and the answers.
+
+    shown[i]: the scene whose image goes with scene i's questions (default: its own)."""
+    shown = list(scenes) if shown is None else list(shown)
+    items = [(scene, q, image) for scene, image in zip(scenes, shown, strict=True)
+             for q in S.questions(scene, canonical=True)]
+    replies = answer_all(chat, [q.question for _, q, _ in items],
+                         [os.path.join(image_folder, image.file_name) for _, _, image in items],
                          batch_size=batch_size, max_new_tokens=6, progress=progress, desc="questions")
     correct, total = collections.Counter(), collections.Counter()
     answers = []
-    for (scene, q), reply in zip(items, replies):
+    for (scene, q, _), reply in zip(items, replies):
         ok = S.grade(q.type, reply, q.answer)
         correct[q.type] += ok
         total[q.type] += 1
@@ -54,9 +61,21 @@ def description_scores(chat, scenes, image_folder: str, *, batch_size: int = 64,
     return {"object_precision": precision, "object_recall": recall, "examples": examples}
 
 
-def evaluate(ckpt: str, scenes, image_folder: str, *, num_describe: int = 32, progress: bool = True) -> dict:
+def other_scenes(scenes) -> list:
+    """Each scene paired with the next one's image (the last with the first): the ablation's images."""
+    return list(scenes[1:]) + list(scenes[:1])
+
+
+def evaluate(ckpt: str, scenes, image_folder: str, *, num_describe: int = 0, num_other_image: int = 0,
+             progress: bool = True) -> dict:
+    """Accuracy on `scenes`; with num_other_image, also result["other_image"]: the questions of the
+    first num_other_image scenes asked about another scene's image."""
     chat = load_chat_model(ckpt)
     result = question_accuracy(chat, scenes, image_folder, progress=progress)
+    if num_other_image:
+        some = list(scenes[:num_other_image])
+        result["other_image"] = question_accuracy(chat, some, image_folder, shown=other_scenes(some),
+                                                  progress=progress)
     if num_describe:
         result["descriptions"] = description_scores(chat, scenes[:num_describe], image_folder, progress=progress)
     return result

@@ -117,12 +117,10 @@ def world_backend(messages: list) -> str:
 
 # ----- records straight from the annotations ------------------------------------------------------
 
-def short_question(question: str) -> str:
-    return f"{question}\n{S.SHORT_ANSWER_SUFFIX}"
-
-
 def vqa_record(scene: S.Scene) -> dict:
-    """A multi-turn record of short-answer questions about one image (LLaVA-1.5's VQA format).
+    """A multi-turn record of short-answer questions about one image (LLaVA-1.5's VQA format, asked
+    without its "Answer the question using a single word or phrase." suffix: in this world every
+    question has a one- or two-word answer, and the suffix would add 11 tokens to every turn).
 
     One question per object (its type drawn) plus the count question, in a drawn order. Asking two
     questions about the same object would leak answers through the text ("Where is the red
@@ -138,26 +136,6 @@ def vqa_record(scene: S.Scene) -> dict:
     turns = []
     for i, j in enumerate(rng.permutation(len(picked))):
         q = picked[j]
-        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + short_question(q.question)})
+        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q.question})
         turns.append({"from": "gpt", "value": q.answer})
     return {"id": f"{scene.id}_vqa", "image": scene.file_name, "conversations": turns}
-
-
-def text_records(scene: S.Scene) -> list:
-    """Text-only records for pretraining the language model: reading a description, and writing one."""
-    caps = S.captions(scene)
-    # The caption phrasing that states the count and every object's position, so any question is
-    # answerable from it.
-    passage = next(c for c in caps if c.split()[0].lower() in S.NUMBER_WORDS)
-    others = [c for c in caps if c != passage]
-    qs = S.questions(scene)
-    rng = S._rng(scene.seed, scene.split, scene.index, 4)
-    q = qs[int(rng.integers(len(qs)))]
-    return [
-        {"id": f"{scene.id}_read", "conversations": [
-            {"from": "human", "value": f"Picture: {passage}\n{short_question(q.question)}"},
-            {"from": "gpt", "value": q.answer}]},
-        {"id": f"{scene.id}_write", "conversations": [
-            {"from": "human", "value": "Describe a picture of shapes."},
-            {"from": "gpt", "value": others[int(rng.integers(len(others)))]}]},
-    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -15,19 +16,25 @@ LOW_CHANCE = 0.25
 
 # ----- the example answer ------------------------------------------------------------------------
 
-def example(ckpt: str, world, root: str) -> dict:
-    """Ask the trained model about one held-out image; the image is copied next to the report."""
+def example(ckpt: str, world, root: str, answers=()) -> dict:
+    """Ask the trained model about one held-out image, through the chat path; the image is copied
+    next to the report. The question is fixed in advance (the colour of the last object of the first
+    held-out scene with two or more objects, in the evaluation's wording), never chosen by whether
+    it is answered right; `answers` (the evaluation's) says what the evaluation replied to it."""
     from llava_jax.eval.answering import answer_all, load_chat_model
 
     scene = next((s for s in world.eval_scenes if len(s.objects) >= 2), world.eval_scenes[0])
     obj = scene.objects[-1]
-    question = f"What color is the {obj.shape}?"
+    question = next(q.question for q in S.questions(scene, canonical=True)
+                    if q.type == "color" and q.answer == obj.color)
     image = os.path.join(root, "example.png")
     shutil.copyfile(os.path.join(world.eval_images, scene.file_name), image)
     reply = answer_all(load_chat_model(ckpt), [question], [image], batch_size=1, max_new_tokens=16,
                        progress=False)[0]
+    evaluated = next((a for a in answers if a["scene"] == scene.id and a["question"] == question), None)
     return {"image": image, "scene": scene.id, "question": question, "answer": obj.color, "reply": reply,
-            "correct": S.grade("color", reply, obj.color)}
+            "correct": S.grade("color", reply, obj.color),
+            "evaluation_reply": evaluated["reply"] if evaluated else None}
 
 
 # ----- drawing -----------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ def plot(path: str, curves: dict, accuracy_groups: dict, labels: list) -> str:
 # ----- report files ------------------------------------------------------------------------------
 
 def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minutes: float, stage_seconds: dict,
-          example: dict, fast: bool, datagen: str) -> dict:
+          example: dict, fast: bool, datagen: str, stage1: Optional[dict] = None) -> dict:
     by_type = result["accuracy_by_type"]
     counts = result["num_questions"]
     total = sum(counts.values())
@@ -121,8 +128,9 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
     summary = {
         "accuracy": result["accuracy"],
         "accuracy_by_type": by_type,
-        "accuracy_without_stage1": ablation["accuracy"] if ablation else None,
-        "accuracy_without_stage1_by_type": ablation["accuracy_by_type"] if ablation else None,
+        # The ablation: the same questions asked about another held-out scene's image.
+        "accuracy_other_image": ablation["accuracy"] if ablation else None,
+        "accuracy_other_image_by_type": ablation["accuracy_by_type"] if ablation else None,
         # Expected accuracy of uniform guessing among each type's options, weighted like the questions.
         "chance_accuracy": sum(chance[t] * counts[t] for t in counts) / max(1, total),
         "chance_by_type": {t: chance[t] for t in by_type},
@@ -132,6 +140,8 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
         "num_questions": counts,
         "descriptions": {k: v for k, v in result.get("descriptions", {}).items() if k != "examples"},
         "example": example,
+        # Stage 1's held-out read-out: how often a quadrant's colour / shape token is nearest the right word.
+        "stage1": {k: v for k, v in (stage1 or {}).items() if k != "history"},
         "minutes": minutes,
         "stage_seconds": stage_seconds,
         "fast": fast,
@@ -139,10 +149,10 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
     with open(os.path.join(root, "report.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(root, "answers.json"), "w") as f:
-        json.dump({"with_stage1": result["answers"], "without_stage1": ablation["answers"] if ablation else None,
+        json.dump({"answers": result["answers"], "other_image": ablation["answers"] if ablation else None,
                    "descriptions": result.get("descriptions", {}).get("examples")}, f, indent=1)
 
-    labels = ["with stage 1"] + (["without stage 1"] if ablation else []) + ["chance"]
+    labels = ["own image"] + (["another scene's image"] if ablation else []) + ["chance"]
     groups = {t: [by_type[t]] + ([ablation["accuracy_by_type"].get(t)] if ablation else []) + [chance[t]]
               for t in by_type}
     plot(os.path.join(root, "report.png"), curves, groups, labels)
@@ -152,7 +162,7 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
         f"{'Fast' if fast else 'Full'} run, {minutes:.1f} minutes. Held-out scenes, greedy answers, "
         f"{total} short-answer questions.", "",
         "![loss curves and accuracy](report.png)", "",
-        "| question type | accuracy | without stage 1 | chance | questions |",
+        "| question type | accuracy | with another scene's image | chance | questions |",
         "|---|---|---|---|---|",
     ]
     for t in by_type:
@@ -160,6 +170,11 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
         lines.append(f"| {t} | {by_type[t]:.3f} | {ab} | {chance[t]:.3f} | {counts[t]} |")
     ab_all = f"{ablation['accuracy']:.3f}" if ablation else "-"
     lines.append(f"| **all** | **{result['accuracy']:.3f}** | {ab_all} | {summary['chance_accuracy']:.3f} | {total} |")
+    if stage1:
+        read = stage1["nearest_word"]
+        lines += ["", f"Stage 1 (projector aligned to word embeddings): on held-out images a quadrant's colour token "
+                      f"is nearest the right colour word {read['color']:.2f} of the time, its shape token nearest the "
+                      f"right shape word {read['shape']:.2f}."]
     d = summary["descriptions"]
     if d:
         lines += ["", f"Detailed descriptions ({DESCRIBE_NOTE}): object precision {d['object_precision']:.3f}, "
@@ -167,7 +182,8 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
     lines += ["", f"Pass bar: accuracy >= {PASS_ACCURACY} on the types with chance <= {LOW_CHANCE} "
                   f"({', '.join(low)}): {low_accuracy:.3f} -> {'passed' if summary['passed'] else 'NOT passed'}.",
               "", "## Example (held-out image)", "", "![held-out example](example.png)", "",
-              f"Q: {example['question']}  ", f"A: {example['reply']}  ", f"(expected: {example['answer']})", "",
+              f"Q: {example['question']}  ", f"A: {example['reply']}  ", f"(expected: {example['answer']}; "
+              f"{'right' if example['correct'] else 'wrong'}; picked before the answer was known)", "",
               "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
     lines += ["", "## Instruction data generation", "", "```", datagen, "```", ""]

@@ -2,11 +2,12 @@
 
 Layout under DIR:
   world/train/, world/eval/   <scene>.png + instances.json + captions.json (COCO)
+  data/vqa.json               short-answer questions, several per image (stage 2)
   data/instruct.json          conversation / detail / complex records (through the datagen core)
   data/stage1.json            caption pairs (through the CC3M record path)
-  data/vqa.json               short-answer questions, several per image
-  data/text.json              text-only records for pretraining the language model
-  tokenizer/                  the trained tokenizer
+  tokenizer/                  the CLIP-style text tower's tokenizer, trained on the world's text
+instruct.json and stage1.json are LLaVA's other data kinds for this world; the default recipe trains
+on vqa.json only (see llava_jax/quickstart/config.py), and both work with `llava-jax train` by hand.
 """
 from __future__ import annotations
 
@@ -76,10 +77,9 @@ def build_world(root: str, seed: int, num_train: int, num_eval: int, image_size:
         "instruct": instruct_records,
         "stage1": cc3m_filter.to_stage1_records(pairs, range(len(pairs)), seed),
         "vqa": [instructions.vqa_record(s) for s in train_scenes],
-        "text": [r for s in train_scenes for r in instructions.text_records(s)],
     }
     paths = {"instruct": os.path.join(data_dir, "instruct.json")}
-    for name in ("stage1", "vqa", "text"):
+    for name in ("stage1", "vqa"):
         paths[name] = _write_json(os.path.join(data_dir, f"{name}.json"), records[name])
 
     tokenizer_dir = os.path.join(root, "tokenizer")
