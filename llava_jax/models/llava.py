@@ -39,16 +39,19 @@ class LlavaModel(nnx.Module):
             LlamaModel(config.text, dtype=config.dtype, remat_policy=config.remat_policy, rngs=r)), rngs)
 
     # ----- vision -------------------------------------------------------------------------------
-    def image_features(self, pixel_values):
-        """(N, H, W, 3) normalized pixels -> projected features (N, T, D_text), T = num_image_tokens.
+    def vision_features(self, pixel_values):
+        """(N, H, W, 3) normalized pixels -> the tower features the projector reads (N, T, D_vision).
 
         The vision tower is always frozen in LLaVA, so no gradient flows into it."""
         cfg = self.config
         selected = self.vision_tower.select_hidden_states(pixel_values, cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default":
             selected = tuple(h[:, 1:] for h in selected)
-        feats = jax.lax.stop_gradient(jnp.concatenate(selected, axis=-1))
-        return self.projector(feats)
+        return jax.lax.stop_gradient(jnp.concatenate(selected, axis=-1))
+
+    def image_features(self, pixel_values):
+        """(N, H, W, 3) normalized pixels -> projected features (N, T, D_text), T = num_image_tokens."""
+        return self.projector(self.vision_features(pixel_values))
 
     def _splice_images(self, input_ids, embeds, pixel_values):
         """Replace each placeholder's embedding by the next image feature token (see internals.md)."""

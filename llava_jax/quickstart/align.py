@@ -69,15 +69,7 @@ def vision_features(model, pixels: np.ndarray, batch_size: int = 256) -> np.ndar
     import jax
     import jax.numpy as jnp
 
-    cfg = model.config
-
-    @jax.jit
-    def features(px):
-        selected = model.vision_tower.select_hidden_states(px, cfg.feature_layers)
-        if cfg.vision_feature_select_strategy == "default":
-            selected = tuple(h[:, 1:] for h in selected)
-        return jnp.concatenate(selected, axis=-1)
-
+    features = jax.jit(model.vision_features)
     return np.concatenate([np.asarray(features(jnp.asarray(pixels[i:i + batch_size])))
                            for i in range(0, len(pixels), batch_size)])
 

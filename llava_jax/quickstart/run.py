@@ -23,7 +23,7 @@ import numpy as np
 STAGE_NAMES = ("world", "llm", "clip", "stage1", "stage2", "eval", "ablation")
 # Everything a run writes under DIR. A new run removes these first: the training stages resume from
 # a workdir's checkpoint, so a previous run's stage2 would otherwise be picked up as finished (or
-# fail to restore when the model changed) on top of a newly trained vision tower. "lm" and
+# fail to restore when the model changed) on top of a newly trained vision tower. "clip", "lm" and
 # "ablation_no_stage1" are what earlier versions of the quickstart wrote.
 OUTPUTS = ("world", "data", "tokenizer", "clip", "lm", "stage1", "stage2", "ablation_no_stage1",
            "report.json", "report.md", "report.png", "answers.json", "example.png")
@@ -76,8 +76,9 @@ def _preprocessed(folder: str, scenes, size: int) -> np.ndarray:
     return np.stack([image_lib.preprocess(os.path.join(folder, s.file_name), size, "square") for s in scenes])
 
 
-def pretrain_vision(world, sizes: Sizes, seed: int, progress: bool):
-    """Contrastive image/caption training; returns the vision tower and its metrics."""
+def pretrain_vision(world, images: np.ndarray, sizes: Sizes, seed: int, progress: bool):
+    """Contrastive image/caption training on the preprocessed training `images`; returns the vision
+    tower and its metrics."""
     from tqdm import tqdm
 
     from llava_jax.data import synthetic as S
@@ -85,7 +86,6 @@ def pretrain_vision(world, sizes: Sizes, seed: int, progress: bool):
     from llava_jax.quickstart.config import model_config
 
     cfg = model_config()
-    images = _preprocessed(world.train_images, world.train_scenes, cfg.vision.image_size)
     regions = np.stack([S.region_labels(s) for s in world.train_scenes])
     captions = [S.captions(s) for s in world.train_scenes]
     negatives = [S.captions(S.with_other_shapes(s)) for s in world.train_scenes]
@@ -123,8 +123,10 @@ def base_model(llm_dir: str, tower, seed: int):
     return checkpoint.model_from_params(cfg, params), cfg
 
 
-def stage1(world, sizes: Sizes, llm_dir: str, tower, root: str, seed: int, progress: bool) -> dict:
-    """Align the projector (the only trained part) and save the model folder DIR/stage1."""
+def stage1(world, images: np.ndarray, sizes: Sizes, llm_dir: str, tower, root: str, seed: int,
+           progress: bool) -> dict:
+    """Align the projector (the only trained part) on the preprocessed training `images` and save the
+    model folder DIR/stage1."""
     from tqdm import tqdm
 
     from llava_jax import checkpoint
@@ -138,9 +140,8 @@ def stage1(world, sizes: Sizes, llm_dir: str, tower, root: str, seed: int, progr
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
 
-    size = cfg.vision.image_size
-    result = align.align(model, tokenizer, _preprocessed(world.train_images, world.train_scenes, size),
-                         world.train_scenes, _preprocessed(world.eval_images, world.eval_scenes, size),
+    result = align.align(model, tokenizer, images, world.train_scenes,
+                         _preprocessed(world.eval_images, world.eval_scenes, cfg.vision.image_size),
                          world.eval_scenes, steps=sizes.align_steps, seed=seed, progress=report)
     bar.close()
     checkpoint.save_model(os.path.join(root, "stage1"), model, cfg, tokenizer_dir=llm_dir)
@@ -218,13 +219,15 @@ def main(argv=None) -> int:
     timer.done("llm", t, f"SmolLM2-135M-Instruct at {llm_dir}")
 
     t = time.perf_counter()
-    tower, clip_history = pretrain_vision(world, sizes, args.seed, progress)
+    # Preprocessed once: the CLIP stage and stage 1 both read every training image.
+    train_images = _preprocessed(world.train_images, world.train_scenes, IMAGE_SIZE)
+    tower, clip_history = pretrain_vision(world, train_images, sizes, args.seed, progress)
     curves["clip"] = [{"step": h["step"], "loss": h["loss"]} for h in clip_history]
     timer.done("clip", t, f"contrastive {_loss_line(clip_history)}, in-batch retrieval accuracy "
                f"{np.mean([h['accuracy'] for h in clip_history[-10:]]):.2f} (batch 128 + hard negatives + regions)")
 
     t = time.perf_counter()
-    aligned = stage1(world, sizes, llm_dir, tower, root, args.seed, progress)
+    aligned = stage1(world, train_images, sizes, llm_dir, tower, root, args.seed, progress)
     curves["stage1"] = aligned["history"][::5]
     read = aligned["nearest_word"]
     timer.done("stage1", t, f"projector aligned to word embeddings, {_loss_line(aligned['history'])}; held-out "
