@@ -1,5 +1,5 @@
 """Random-access record sources: LLaVA JSON/JSONL + image folder, ArrayRecord shards, mixtures, and
-a small synthetic dataset.
+the built-in synthetic dataset (llava_jax.data.synthetic.SyntheticSource, importable from here).
 
 Every source has `len()` and `source[i] -> record`, the protocol Grain reads; llava_jax.data.records
 says what a record holds (and read_llava_json / raw_to_record, importable from here too, live there).
@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from llava_jax.data.conversation import IMAGE_PLACEHOLDER
 from llava_jax.data.records import example_to_record, find_dataset_dir, raw_to_record, read_llava_json
+from llava_jax.data.synthetic import SyntheticSource  # noqa: F401  (the `synthetic` data.source)
 
 
 class JsonSource:
@@ -98,63 +98,3 @@ class ArrayRecordSource:
 
     def __repr__(self):
         return f"ArrayRecordSource({self.directory!r}, split={self.split!r}, {len(self)} records)"
-
-
-# ----- the built-in synthetic dataset -----------------------------------------------------------
-
-_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
-            "white": (250, 250, 250), "black": (15, 15, 15)}
-_PLACES = ("top", "bottom", "left", "right")
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-class SyntheticSource:
-    """A small deterministic LLaVA-JSON-shaped dataset, generated on access: a coloured box on a
-    plain background, and questions about its colour and place (one to two rounds), plus some
-    text-only arithmetic samples. `captions_only=True` gives single-turn caption samples, all with
-    an image (the shape the stage-1 'plain' template takes)."""
-
-    def __init__(self, size: int = 256, seed: int = 0, image_size: int = 28, captions_only: bool = False):
-        self.size, self.seed, self.image_size, self.captions_only = int(size), int(seed), int(image_size), captions_only
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(f"synthetic record {index} out of range [0, {self.size})")
-        rng = np.random.default_rng([self.seed, index])
-        names = list(_COLOURS)
-        bg, fg = rng.choice(len(names), size=2, replace=False)
-        place = _PLACES[rng.integers(len(_PLACES))]
-        record_id = f"synthetic-{index}"
-        if not self.captions_only and rng.random() < 0.125:
-            a, b = (int(x) for x in rng.integers(0, 5, size=2))
-            conversations = [{"from": "human", "value": f"What is {_NUMBERS[a]} plus {_NUMBERS[b]}?"},
-                             {"from": "gpt", "value": f"{_NUMBERS[a + b].capitalize()}."}]
-            return {"id": record_id, "conversations": conversations, "image": None}
-        image = self._draw(rng, _COLOURS[names[bg]], _COLOURS[names[fg]], place)
-        caption = f"A {names[fg]} box at the {place} on {names[bg]}."
-        if self.captions_only:
-            conversations = [{"from": "human", "value": f"Describe the image briefly.\n{IMAGE_PLACEHOLDER}"},
-                             {"from": "gpt", "value": caption}]
-        else:
-            conversations = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nWhat colour is the box?"},
-                             {"from": "gpt", "value": f"The box is {names[fg]}."}]
-            if rng.random() < 0.5:
-                conversations += [{"from": "human", "value": "Where is it?"},
-                                  {"from": "gpt", "value": f"It is at the {place}."}]
-        return {"id": record_id, "conversations": conversations, "image": image}
-
-    def _draw(self, rng, background, colour, place) -> np.ndarray:
-        s = self.image_size
-        image = np.empty((s, s, 3), np.uint8)
-        image[:] = background
-        half = s // 2
-        lo = int(rng.integers(0, max(1, half // 3)))
-        box = {"top": (slice(lo, half), slice(s // 4, 3 * s // 4)),
-               "bottom": (slice(half, s - lo), slice(s // 4, 3 * s // 4)),
-               "left": (slice(s // 4, 3 * s // 4), slice(lo, half)),
-               "right": (slice(s // 4, 3 * s // 4), slice(half, s - lo))}[place]
-        image[box] = colour
-        return image

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from llava_jax.data.conversation import IMAGE_PLACEHOLDER
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {
     "red": (220, 30, 30),
@@ -351,3 +353,43 @@ def write_world(folder: str, scenes: Sequence[Scene]) -> tuple:
         with open(path, "w") as f:
             json.dump(doc, f)
     return paths
+
+
+# ----- the built-in training source (`data.source = "synthetic"`) --------------------------------
+
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class SyntheticSource:
+    """A LLaVA-JSON-shaped dataset over this world, generated on access: scene `index` of the
+    "train" split with one of its questions (short answer; rows stay under ~100 tokens), plus an eighth of text-only
+    arithmetic rows (the pipeline's image-free path). `captions_only=True` gives single-turn caption
+    samples, all with an image (the shape the stage-1 'plain' template takes). Deterministic in
+    (seed, index); images are uint8 (image_size, image_size, 3)."""
+
+    def __init__(self, size: int = 256, seed: int = 0, image_size: int = 28, captions_only: bool = False):
+        self.size, self.seed, self.image_size, self.captions_only = int(size), int(seed), int(image_size), captions_only
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"synthetic record {index} out of range [0, {self.size})")
+        rng = _rng(self.seed, "train", index, 3)
+        record_id = f"synthetic-{index}"
+        if not self.captions_only and rng.random() < 0.125:
+            a, b = (int(x) for x in rng.integers(0, 5, size=2))
+            conversations = [{"from": "human", "value": f"What is {_NUMBERS[a]} plus {_NUMBERS[b]}?"},
+                             {"from": "gpt", "value": f"{_capital(_NUMBERS[a + b])}."}]
+            return {"id": record_id, "conversations": conversations, "image": None}
+        scene = make_scene(self.seed, index, "train", self.image_size)
+        image = np.asarray(render(scene))
+        if self.captions_only:
+            conversations = [{"from": "human", "value": f"Describe the image briefly.\n{IMAGE_PLACEHOLDER}"},
+                             {"from": "gpt", "value": min(captions(scene), key=len)}]
+        else:
+            asked = questions(scene)[int(rng.integers(len(scene.objects) * 3 + 1))]
+            conversations = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{asked.question}"},
+                             {"from": "gpt", "value": _capital(asked.answer) + "."}]
+        return {"id": record_id, "conversations": conversations, "image": image}
