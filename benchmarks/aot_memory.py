@@ -11,6 +11,9 @@ Results are merged into the JSON file after every compile, so an interrupted run
 and a rerun skips compiles already recorded (--redo to repeat them).
 
   .venv/bin/python benchmarks/aot_memory.py [--cases 7b-2-v5e:4x4,...] [--timeout 1800] [--json PATH]
+      [--attention xla|splash] [--remat POLICY]
+--attention xla (the default) is the dense attention the first table was measured with; splash (the
+Pallas kernel, what `auto` picks on TPU) writes benchmarks/results/aot_memory_splash.json.
 """
 from __future__ import annotations
 
@@ -42,10 +45,15 @@ def case_name(size, stage, topology) -> str:
     return f"{size}-{stage}-{topology}"
 
 
+ATTENTION = ["xla"]  # set by --attention
+REMAT = [""]  # set by --remat ("" = the config's)
+
+
 def run_aot(size: str, stage: int, topology: str, microbatch: int, timeout: float) -> dict:
     cmd = [str(C.REPO / ".venv" / "bin" / "llava-jax"), "aot", "--config", f"{CONFIGS[size]}:stage{stage}",
            "--topology", topology, "--global-batch", str(GLOBAL_BATCH), "--max-length", str(SEQ),
-           "--microbatch", str(0 if microbatch >= GLOBAL_BATCH else microbatch)]
+           "--microbatch", str(0 if microbatch >= GLOBAL_BATCH else microbatch),
+           "--attention", ATTENTION[0], "--no-cost"] + (["--remat", REMAT[0]] if REMAT[0] else [])
     # Compile-only TPU devices come from libtpu's topology API; the host backend can stay CPU.
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     t0 = time.time()
@@ -103,9 +111,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per compile")
     ap.add_argument("--redo", action="store_true", help="recompile cases already in the JSON")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention", choices=["xla", "splash"], default="xla")
+    ap.add_argument("--remat", default="", help="remat policy for every case (default: the config's)")
     args = ap.parse_args(argv)
+    ATTENTION[0], REMAT[0] = args.attention, args.remat
 
-    path = args.json or str(C.RESULTS / "aot_memory.json")
+    suffix = ("" if args.attention == "xla" else f"_{args.attention}") + (f"_{args.remat}" if args.remat else "")
+    path = args.json or str(C.RESULTS / f"aot_memory{suffix}.json")
     previous = json.loads(open(path).read()) if os.path.exists(path) and not args.redo else {}
     results = previous.get("results", {})
     info = previous.get("machine") or C.machine_info()

@@ -5,17 +5,9 @@ Usage: llava-jax train --config configs/tiny.py:stage1 --workdir W
 The model has the size of tests/conftest.py's tiny_llava_config: 2-layer CLIP at 28 px (4 image
 tokens), 2-layer LLaMA with grouped-query attention.
 """
-import pathlib
-import sys
-
-_here = str(pathlib.Path(__file__).resolve().parent)
-if _here not in sys.path:  # loaded by path: reach configs/_common.py through this folder
-    sys.path.insert(0, _here)
-
-import _common  # noqa: E402
-
-from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
-from llava_jax.train.defaults import base_config  # noqa: E402
+from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.recipes import llava
+from llava_jax.train.defaults import base_config
 
 
 def tiny_model() -> LlavaConfig:
@@ -29,7 +21,7 @@ def tiny_model() -> LlavaConfig:
 
 
 def get_config(arg="stage2"):
-    stage = _common.parse_stage(arg)
+    stage = llava.parse_stage(arg)
     c = base_config(tiny_model())
     c.stage = stage
     c.total_steps = 4

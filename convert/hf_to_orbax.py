@@ -1,13 +1,16 @@
 """Convert HuggingFace PyTorch weights into a llava-jax model folder.
 
     python convert/hf_to_orbax.py --hf-llava DIR --out CKPT
-        a llava-hf folder (LlavaForConditionalGeneration: model.safetensors, sharded safetensors with
+        a llava-hf folder (LlavaForConditionalGeneration, or LlavaNextForConditionalGeneration for
+        LLaVA-1.6 `llava-v1.6-*-hf`: model.safetensors, sharded safetensors with
         model.safetensors.index.json, or pytorch_model.bin; new or old key layout)
     python convert/hf_to_orbax.py --clip DIR --llm DIR [--projector mm_projector.bin]
                                   [--projector-type mlp2x_gelu|linear|mlpNx_gelu] --out CKPT
         a CLIP repo (its text model is ignored) + a LLaMA/Vicuna repo + the original LLaVA projector
         (stage-1 output). Without --projector the LLM folder's model.mm_projector.* is used if it has
         one (an original LLaVA checkpoint), else the projector is freshly initialised (for stage 1).
+        --anyres makes it a LLaVA-1.6 model (AnyRes grids and an image_newline, fresh unless the LLM
+        folder holds model.image_newline; an original LLaVA-1.6 folder is recognised by itself).
 
 The output folder holds config.json (our LlavaConfig), the tokenizer files and params/ (Orbax).
 """
@@ -21,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's llava_ja
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llava_jax import checkpoint, cli, hf_io, validate  # noqa: E402
+from llava_jax.data.anyres import DEFAULT_GRID_PINPOINTS  # noqa: E402
 
 
 def check_inputs(hf_llava: str | None, clip: str | None, llm: str | None, projector: str | None,
@@ -41,17 +45,22 @@ def check_inputs(hf_llava: str | None, clip: str | None, llm: str | None, projec
 
 def convert(out: str, hf_llava: str | None = None, clip: str | None = None, llm: str | None = None,
             projector: str | None = None, projector_type: str | None = None, image_token_id: int | None = None,
-            tokenizer: str | None = None, seed: int = 0, progress: bool = True):
+            tokenizer: str | None = None, seed: int = 0, progress: bool = True, anyres: bool = False):
     """Write the model folder `out`; returns its LlavaConfig."""
     check_inputs(hf_llava, clip, llm, projector, projector_type, tokenizer)
+    if anyres and hf_llava:
+        raise validate.UsageError("--anyres goes with --clip/--llm; a llava-hf folder's config.json says "
+                                  "whether it is LLaVA-1.6 (model_type llava_next)")
     if hf_llava:
         config, params = hf_io.load_hf_llava(hf_llava, progress=progress)
         if image_token_id is not None:
             config = config.replace(image_token_id=image_token_id)
         tokenizer = tokenizer or hf_llava
     else:
+        pinpoints = [list(p) for p in DEFAULT_GRID_PINPOINTS] if anyres else None
         config, params = hf_io.load_clip_llm(clip, llm, projector=projector, projector_type=projector_type,
-                                             image_token_id=image_token_id, seed=seed, progress=progress)
+                                             image_token_id=image_token_id, seed=seed, progress=progress,
+                                             image_grid_pinpoints=pinpoints)
         tokenizer = tokenizer or llm
     checkpoint.save_model(out, params, config, tokenizer_dir=tokenizer)
     return config
@@ -70,6 +79,10 @@ def main(argv=None) -> int:
                         "first id past the LLM's vocabulary)")
     parser.add_argument("--tokenizer", help="folder to copy tokenizer files from (default: --hf-llava or --llm)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised projector")
+    parser.add_argument("--anyres", action="store_true",
+                        help="with --clip/--llm: a LLaVA-1.6 (AnyRes) model over the v1.6 grids, with an "
+                             "image_newline (from the LLM folder if it has one, else fresh); an original "
+                             "LLaVA-1.6 folder (image_aspect_ratio 'anyres') is recognised without it")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
@@ -77,7 +90,7 @@ def main(argv=None) -> int:
     def work() -> int:
         config = convert(args.out, hf_llava=args.hf_llava, clip=args.clip, llm=args.llm, projector=args.projector,
                          projector_type=args.projector_type, image_token_id=args.image_token_id,
-                         tokenizer=args.tokenizer, seed=args.seed)
+                         tokenizer=args.tokenizer, seed=args.seed, anyres=args.anyres)
         print(f"wrote {args.out} (projector {config.projector_type}, {config.text.num_layers}-layer LLM, "
               f"{config.vision.image_size}px vision tower)")
         return 0

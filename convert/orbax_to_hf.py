@@ -4,8 +4,14 @@
                                   [--max-shard-size-gb 5]
 
 DIR gets safetensors weights (sharded with model.safetensors.index.json when larger than the shard
-size), config.json and the tokenizer files: LlavaForConditionalGeneration.from_pretrained(DIR) loads it.
+size), config.json and the tokenizer files: LlavaForConditionalGeneration.from_pretrained(DIR) loads it
+(LlavaNextForConditionalGeneration for a LLaVA-1.6 / AnyRes model).
 Only the mlp2x_gelu projector exists in that format (LLaVA v1's linear projector does not).
+
+A LoRA training workdir exports merged into its base; with --peft, DIR gets its adapter alone as a
+peft folder (adapter_config.json + adapter_model.safetensors) that peft loads onto the exported base:
+    python convert/orbax_to_hf.py --ckpt BASE --out HF_BASE
+    python convert/orbax_to_hf.py --ckpt LORA_WORKDIR --peft --out ADAPTER
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import checkpoint, cli, hf_io  # noqa: E402
+from llava_jax import checkpoint, cli, hf_io, peft_io  # noqa: E402
 from llava_jax.models.config import to_hf  # noqa: E402
 
 
@@ -25,11 +31,20 @@ def export(ckpt: str, out: str, dtype: str = "float32", max_shard_bytes: int = 5
     """Write the llava-hf folder `out`; returns the weight file names."""
     config = checkpoint.read_config(ckpt)
     to_hf(config)  # fail on an unsupported projector before reading any weights
-    params = checkpoint.load_params_numpy(ckpt, config)
+    if peft_io.read_run_file(ckpt) is not None:  # a LoRA run: merged into the base it trained on
+        config, params = peft_io.merged_numpy(None, ckpt)
+    else:
+        params = checkpoint.load_params_numpy(ckpt, config)
     names = hf_io.write_hf_llava(params, config, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                  progress=progress)
     checkpoint.copy_tokenizer_files(checkpoint.model_root(ckpt), out)
     return names
+
+
+def export_peft(ckpt: str, out: str) -> list:
+    """Write a LoRA training workdir's adapter (and projector) as a peft folder; -> file names."""
+    lora, params, base = peft_io.read_run_adapter(ckpt)
+    return peft_io.write_peft(out, params, checkpoint.read_config(ckpt), lora, base_model=base or None)
 
 
 def main(argv=None) -> int:
@@ -39,11 +54,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    parser.add_argument("--peft", action="store_true", help="--ckpt is a LoRA workdir: write its adapter as a "
+                        "peft folder instead of the merged model")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
 
     def work() -> int:
-        names = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+        if args.peft:
+            names = export_peft(args.ckpt, args.out)
+        else:
+            names = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
         print(f"wrote {args.out}: {', '.join(names)}")
         return 0
 

@@ -6,6 +6,8 @@ devices; nothing is allocated: the state and batch are ShapeDtypeStructs with sh
 per-device memory breakdown, and as its LAST line one JSON object:
   {"topology", "mesh", "per_device_peak_bytes", "hbm_bytes", "fits", ...}
 A compile-time HBM out-of-memory gives fits: false with the size the compiler asked for.
+Unless --no-cost, it also reports one device's compiled FLOPs and HBM bytes per step (XLA's cost
+analysis scaled to the real depth, see llava_jax/cost_model.py) and the roofline step time.
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def parse_args(argv):
                    "dots_with_no_batch_dims_saveable")
     p.add_argument("--max-length", type=int, default=0, help="tokens per row (default: the config's)")
     p.add_argument("--hbm-bytes", type=int, default=0, help="override the per-device HBM size")
+    p.add_argument("--attention", default="", choices=["", "auto", "xla", "splash"],
+                   help="attention implementation (default: the config's model.attention_impl)")
+    p.add_argument("--no-cost", action="store_true",
+                   help="skip the cost model (three extra compiles of 1-2 layer models)")
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="vocabulary projection over this many positions at a time (0 = all at once; "
                         "default: the config's loss_chunk_size)")
@@ -106,6 +112,7 @@ def compile_train_step(config, devices):
     import jax.numpy as jnp
 
     from llava_jax import sharding
+    from llava_jax.models import lora as lora_lib
     from llava_jax.models.config import config_from_any
     from llava_jax.train import loop, optim
     from llava_jax.train import step as step_lib
@@ -115,17 +122,26 @@ def compile_train_step(config, devices):
                               devices=devices)
     total = int(config.total_steps) or 1000
     tx, schedule = optim.make_optimizer(config.optim, total)
-    layout = step_lib.state_layout(model_config, int(config.stage), tx, mesh, seed=int(config.seed))
+    lora = lora_lib.from_config(config.get("lora"))  # adapters only trained, the base frozen (models/lora.py)
+    if lora is not None:
+        lora.check_shapes(model_config.text)
+    layout = step_lib.state_layout(model_config, int(config.stage), tx, mesh, seed=int(config.seed), lora=lora)
     b, s = int(config.global_batch_size), int(config.max_length)
     m = max(1, int(config.data.max_images_per_row))
     size = model_config.vision.image_size
     shapes = dict(input_ids=((b, s), jnp.int32), labels=((b, s), jnp.int32), segment_ids=((b, s), jnp.int32),
                   positions=((b, s), jnp.int32), pixel_values=((b, m, size, size, 3), jnp.float32))
+    if model_config.anyres:  # LLaVA-1.6: P tile slots per image and each slot's layout (docs/internals.md)
+        from llava_jax.data import anyres
+
+        tiles = anyres.max_tiles(model_config.image_grid_pinpoints, size)
+        shapes.update(pixel_values=((b, m, tiles, size, size, 3), jnp.float32), image_sizes=((b, m, 5), jnp.int32))
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
              for k, (shape, dtype) in shapes.items()}
     batch_sh = {k: v.sharding for k, v in batch.items()}
     spec = step_lib.StepSpec(layout.graphdef, tx, schedule, loop.num_microbatches(config),
-                             int(config.get("loss_chunk_size", 0)))
+                             int(config.get("loss_chunk_size", 0)),
+                             dropout_seed=int(config.seed) if lora is not None and lora.dropout > 0 else None)
     with jax.set_mesh(mesh):
         lowered = step_lib.jit_train_step(spec, mesh, layout.shardings, batch_sh).lower(layout.abstract, batch)
         return mesh, lowered.compile()
@@ -140,6 +156,31 @@ def memory_breakdown(compiled) -> dict:
     out["peak"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
                    + out["temp_size_in_bytes"] + out["generated_code_size_in_bytes"])
     return out
+
+
+def cost_report(config, devices) -> dict:
+    """The cost-model fields of the JSON line (printed too); nulls with cost_error when the shallow
+    compiles run out of memory."""
+    from llava_jax import cost_model
+
+    chip = cost_model.Chip.per_device(devices)
+    try:
+        cost = cost_model.step_cost(config, devices)
+    except Exception as e:  # noqa: BLE001 - an out-of-memory is an answer; anything else re-raises
+        if not is_oom(e):
+            raise
+        return dict(xla_flops_per_device=None, hbm_bytes_accessed_per_device=None, roofline_step_s=None,
+                    cost_error=str(e).strip().splitlines()[0][:300])
+    seconds = cost.roofline_seconds(chip)
+    print(f"per-device cost of one step (XLA cost analysis, scaled to {config.model.text.num_layers} decoder "
+          f"layers): {cost.flops:.4g} FLOPs, {cost.hbm_bytes:.4g} HBM bytes")
+    if seconds is not None:
+        print(f"roofline step time on {chip.kind} ({chip.peak_flops:.3g} FLOP/s bf16, "
+              f"{chip.hbm_bandwidth:.3g} B/s HBM per device): {seconds:.3f} s ({cost.bound(chip)}-bound; "
+              f"a lower bound)")
+    return dict(xla_flops_per_device=cost.flops, hbm_bytes_accessed_per_device=cost.hbm_bytes,
+                peak_flops_per_device=chip.peak_flops or None, hbm_bandwidth=chip.hbm_bandwidth or None,
+                roofline_step_s=seconds, roofline_bound=cost.bound(chip) if seconds is not None else None)
 
 
 def main(argv) -> int:
@@ -160,11 +201,14 @@ def main(argv) -> int:
             config.microbatch_size = args.microbatch
         if args.remat:
             config.model.remat_policy = args.remat
+        if args.attention:
+            config.model.attention_impl = args.attention
         if args.loss_chunk is not None:
             config.loss_chunk_size = args.loss_chunk
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
 
     from llava_jax import validate
+    from llava_jax.models import lora as lora_lib
 
     try:
         topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
@@ -178,12 +222,19 @@ def main(argv) -> int:
     validate.check_train(config, len(devices), style="aot", check_paths=False)
     capacity = args.hbm_bytes or hbm_bytes(devices[0])
     model_config = config_from_any(config.model)
-    step_flops = flops_lib.step_flops(model_config, int(config.stage), int(config.global_batch_size),
-                                      int(config.max_length), max(1, int(config.data.max_images_per_row)))
+    images = max(1, int(config.data.max_images_per_row))
+    if model_config.anyres:  # every AnyRes image runs its tiles through the tower (x max tiles)
+        from llava_jax.data import anyres
+
+        images *= anyres.max_tiles(model_config.image_grid_pinpoints, model_config.vision.image_size)
+    lora_run = lora_lib.from_config(config.get("lora")) is not None
+    # A LoRA run computes no weight gradients for the frozen LLM: stage 1's accounting (as train does).
+    step_flops = flops_lib.step_flops(model_config, 1 if lora_run else int(config.stage),
+                                      int(config.global_batch_size), int(config.max_length), images)
     result = dict(topology=args.topology, device_kind=devices[0].device_kind, num_devices=len(devices),
                   mesh=None, global_batch=int(config.global_batch_size), max_length=int(config.max_length),
                   microbatch=int(config.microbatch_size), remat=model_config.remat_policy,
-                  loss_chunk=int(config.get("loss_chunk_size", 0)),
+                  loss_chunk=int(config.get("loss_chunk_size", 0)), attention=model_config.attention_impl,
                   per_device_peak_bytes=None, hbm_bytes=capacity, fits=None,
                   model_flops_per_step=step_flops.total)
     try:
@@ -199,6 +250,8 @@ def main(argv) -> int:
         shape = sharding.make_mesh(*_mesh_sizes(args.mesh, config), devices=devices).shape
         result.update(mesh=[int(v) for v in shape.values()], per_device_peak_bytes=used, fits=False,
                       hbm_bytes=capacity or reported_capacity, error=first_line)
+        if not args.no_cost:
+            result.update(cost_report(config, devices))
         print(json.dumps(result))
         return 0
     mem = memory_breakdown(compiled)
@@ -209,6 +262,8 @@ def main(argv) -> int:
         print(f"  {key:<32} {mem[key]:>16,d}  ({mem[key] / GiB:.3f} GiB)")
     result.update(mesh=[int(mesh.shape[a]) for a in mesh.axis_names], per_device_peak_bytes=mem["peak"],
                   memory=mem, fits=bool(capacity == 0 or mem["peak"] <= capacity))
+    if not args.no_cost:
+        result.update(cost_report(config, devices))
     print(json.dumps(result))
     return 0
 

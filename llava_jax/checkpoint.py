@@ -267,8 +267,12 @@ def load_params_numpy(path: str, config: Optional[LlavaConfig] = None) -> dict:
     return restore_params(params_location(path), params_target(config, host=True))
 
 
-def load_pretrained(path: str, dtype: Optional[str] = None, mesh=None, param_dtype=None):
+def load_pretrained(path: str, dtype: Optional[str] = None, mesh=None, param_dtype=None,
+                    adapter: Optional[str] = None):
     """Load a model folder, a training workdir (its latest step) or a step folder -> (model, config).
+
+    adapter: a peft adapter folder or LoRA training workdir merged into `path` (the base); a LoRA
+      training workdir given as `path` is merged into the base it trained on (lora.json).
 
     dtype: compute dtype overriding the saved config's (e.g. 'bfloat16').
     mesh: a jax Mesh; parameters are read straight into their shards by the logical-axis rules
@@ -276,11 +280,19 @@ def load_pretrained(path: str, dtype: Optional[str] = None, mesh=None, param_dty
     param_dtype: the dtype parameters are restored as (default float32, the training dtype);
       'bfloat16' halves the memory for inference.
     """
-    config = read_config(path)
+    from llava_jax import peft_io
+
+    if adapter is not None or peft_io.read_run_file(path) is not None:
+        config, merged = peft_io.merged_numpy(path if adapter is not None else None, adapter or path)
+    else:
+        config, merged = read_config(path), None
     if dtype is not None:
         config = config.replace(dtype=jnp.dtype(dtype).name)
     target = params_target(config, mesh=mesh, dtype=jnp.dtype(param_dtype or jnp.float32))
-    params = restore_params(params_location(path), target)
+    if merged is None:
+        params = restore_params(params_location(path), target)
+    else:
+        params = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a).astype(t.dtype), t.sharding), merged, target)
     return model_from_params(config, params), config
 
 

@@ -23,11 +23,13 @@ COMMANDS = {
     "train": ("llava_jax.train.loop", "train a stage from a config (--config configs/X.py:ARG --workdir DIR)"),
     "info": ("llava_jax.info", "parameter counts of a config, per component"),
     "aot": ("llava_jax.aot", "compile the train step for a TPU topology and report memory"),
+    "plan": ("llava_jax.plan", "time and chip-hours of a training stage on a TPU slice"),
     "chat": ("llava_jax.infer.chat", "chat with a checkpoint in the terminal"),
     "serve": ("llava_jax.infer.server", "OpenAI-compatible HTTP server with a chat page"),
     "eval": ("llava_jax.eval.cli", "scienceqa | llava-bench | vqa evaluations"),
     "datagen": ("llava_jax.datagen.cli", "instruction-data generation and the CC3M filter"),
     "data": ("llava_jax.data.cli", "data preparation (LLaVA JSON -> ArrayRecord shards)"),
+    "merge": ("llava_jax.peft_io", "merge a LoRA adapter into its base: a plain model folder"),
 }
 
 

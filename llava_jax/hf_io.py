@@ -41,6 +41,7 @@ _RENAMES = [
     # CLIPVisionModel as transformers 5 saves it: the vision_model's keys with no prefix
     (re.compile(r"^(?=(?:embeddings|encoder|pre_layrnorm|post_layernorm)\.)"), "vision_tower."),
     (re.compile(r"^lm_head\.weight$"), "language_model.lm_head.weight"),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),  # LlavaNext in memory
 ]
 _MM_PROJECTOR = re.compile(r"^(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$")
 _LLAMA = re.compile(r"^model\.")
@@ -352,9 +353,10 @@ def hf_llava_config(folder: str):
 
     _raw_config(folder)  # a folder without config.json: said here, not in transformers' traceback
     hf = transformers.AutoConfig.from_pretrained(folder)
-    if hf.model_type != "llava":
+    if hf.model_type not in ("llava", "llava_next"):
         raise ValueError(f"{folder}/config.json has model_type {hf.model_type!r}; --hf-llava expects a llava-hf "
-                         "folder (model_type 'llava'); use --clip/--llm for separate CLIP and LLaMA folders")
+                         "folder (model_type 'llava' or 'llava_next'); use --clip/--llm for separate CLIP and "
+                         "LLaMA folders")
     return from_hf(hf.to_dict())
 
 
@@ -379,9 +381,10 @@ def _raw_config(folder: str) -> dict:
 
 def clip_llm_config(clip_dir: str, llm_dir: str, projector_type: Optional[str] = None,
                     image_token_id: Optional[int] = None, vision_feature_layer: Optional[int] = None,
-                    dtype: str = "float32"):
+                    dtype: str = "float32", image_grid_pinpoints=None):
     """Our LlavaConfig for CLIP + LLaMA folders. Settings the original LLaVA stored in the LLM's
-    config.json (mm_projector_type, mm_vision_select_layer/feature) are used unless given here."""
+    config.json (mm_projector_type, mm_vision_select_layer/feature, and for LLaVA-1.6
+    image_grid_pinpoints with image_aspect_ratio 'anyres') are used unless given here."""
     import transformers
 
     from llava_jax.models.config import LlavaConfig, text_from_hf, vision_from_hf
@@ -392,47 +395,56 @@ def clip_llm_config(clip_dir: str, llm_dir: str, projector_type: Optional[str] =
     projector_type = projector_type or raw.get("mm_projector_type") or "mlp2x_gelu"
     projector_depth(projector_type)  # ValueError naming the accepted forms
     vision = vision_from_hf(transformers.CLIPVisionConfig.from_pretrained(clip_dir).to_dict())
-    text_hf = transformers.LlamaConfig.from_pretrained(llm_dir).to_dict()
+    # A Mistral folder keeps model_type 'mistral' (exported as such); both are read as LLaMA decoders.
+    text_class = transformers.MistralConfig if raw.get("model_type") == "mistral" else transformers.LlamaConfig
+    text_hf = text_class.from_pretrained(llm_dir).to_dict()
     text = text_from_hf(text_hf)
+    if image_grid_pinpoints is None and raw.get("image_aspect_ratio") == "anyres":
+        image_grid_pinpoints = raw.get("image_grid_pinpoints")
     strategy = {"patch": "default", "cls_patch": "full"}.get(raw.get("mm_vision_select_feature"), "default")
     layer = vision_feature_layer if vision_feature_layer is not None else raw.get("mm_vision_select_layer", -2)
     return LlavaConfig(vision=vision, text=text, projector_type=projector_type, vision_feature_layer=layer,
                        vision_feature_select_strategy=strategy,
                        # the first id past the vocabulary, like llava-hf's <image> = 32000 for LLaMA
                        image_token_id=text.vocab_size if image_token_id is None else image_token_id,
-                       pad_token_id=text_hf.get("pad_token_id") or 0, dtype=dtype)
+                       pad_token_id=text_hf.get("pad_token_id") or 0, dtype=dtype,
+                       image_grid_pinpoints=image_grid_pinpoints)
 
 
 def load_clip_llm(clip_dir: str, llm_dir: str, projector: Optional[str] = None,
                   projector_type: Optional[str] = None, image_token_id: Optional[int] = None,
-                  seed: int = 0, progress: bool = True):
+                  seed: int = 0, progress: bool = True, image_grid_pinpoints=None):
     """CLIP folder + LLaMA/Vicuna folder (+ an original mm_projector.bin/.safetensors) -> (config, params).
 
     The projector comes from `projector`, else from the LLM folder when it holds
     model.mm_projector.* (an original LLaVA checkpoint), else it is freshly initialised (stage 1)."""
     from llava_jax.models import hf_mapping
 
-    config = clip_llm_config(clip_dir, llm_dir, projector_type, image_token_id)
+    config = clip_llm_config(clip_dir, llm_dir, projector_type, image_token_id,
+                             image_grid_pinpoints=image_grid_pinpoints)
     vision = HFTensors([clip_dir])
     table = hf_mapping.entries(config, ["vision_tower"])
     check_against_table(vision, table, f"CLIP weights in {clip_dir}")
     params = params_from_tensors(vision, table, progress)
 
     llm = HFTensors([llm_dir])
-    projector_keys = [k for k in llm.keys() if k.startswith("multi_modal_projector.")]
+    projector_keys = [k for k in llm.keys() if k.startswith("multi_modal_projector.") or k == "image_newline"]
     table = hf_mapping.entries(config, ["language_model"])
     check_against_table(llm, table, f"LLaMA weights in {llm_dir}", optional=projector_keys + list(_tied_head(config)))
     params.update(params_from_tensors(llm, table, progress))
 
     table = hf_mapping.entries(config, ["projector"])
-    if projector is not None:
-        source = HFTensors([projector])
-        check_against_table(source, table, f"projector weights in {projector} (type {config.projector_type})")
+    if projector is not None or projector_keys:
+        source = HFTensors([projector]) if projector is not None else llm
+        fresh_newline = config.anyres and "image_newline" not in source
+        if fresh_newline:  # a stage-1 mm_projector.bin holds no image_newline: it starts fresh
+            table = [e for e in table if e.hf_keys != ("image_newline",)]
+        what = f"projector weights in {projector or llm_dir} (type {config.projector_type})"
+        others = [] if projector is not None else [k for k in llm.keys() if k not in projector_keys]
+        check_against_table(source, table, what, optional=others)
         params.update(params_from_tensors(source, table, progress))
-    elif projector_keys:
-        check_against_table(llm, table, f"projector weights in {llm_dir} (type {config.projector_type})",
-                            optional=[k for k in llm.keys() if not k.startswith("multi_modal_projector.")])
-        params.update(params_from_tensors(llm, table, progress))
+        if fresh_newline:
+            params["projector"]["image_newline"] = fresh_projector(config, seed)["image_newline"]
     else:
         params["projector"] = fresh_projector(config, seed)
     return config, params
@@ -444,8 +456,14 @@ def fresh_projector(config, seed: int = 0) -> dict:
 
     from llava_jax.models.projector import Projector
 
+    from llava_jax.models import layers as L
+
+    rngs = nnx.Rngs(seed)
     module = Projector(config.projector_type, config.vision_feature_dim, config.text.hidden_size,
-                       dtype=config.dtype, rngs=nnx.Rngs(seed))
+                       dtype=config.dtype, rngs=rngs)
+    if config.anyres:  # as LlavaModel builds it (models/llava.py)
+        d = config.text.hidden_size
+        module.image_newline = L.param(rngs, L.normal_init(d ** -0.5), (d,), ("embed",))
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
@@ -472,7 +490,8 @@ def pad_vocab(params: dict, config, size: int):
 def write_hf_llava(params: dict, config, out: str, dtype: str = "float32",
                    max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> list:
     """Write our parameters as a llava-hf folder (safetensors, sharded with an index when larger
-    than max_shard_bytes, and config.json) that LlavaForConditionalGeneration.from_pretrained loads.
+    than max_shard_bytes, and config.json) that LlavaForConditionalGeneration.from_pretrained loads
+    (LlavaNextForConditionalGeneration for an AnyRes config).
 
     A placeholder id past the vocabulary (the original-code configs) is brought inside it by padding
     the vocabulary to the next multiple of 64 (32000 -> 32064, llava-hf's size).

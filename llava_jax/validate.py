@@ -226,13 +226,16 @@ def check_train(config, num_devices: Optional[int], num_processes: int = 1, *, s
                 params = None
         problems += _mesh_problems(config, num_devices, batch, microbatch, params, flags)
 
-    image_tokens = model_config.num_image_tokens * max(1, int(config.data.max_images_per_row))
+    images = max(1, int(config.data.max_images_per_row))
+    image_tokens = images * max_image_tokens(model_config)
     length = int(config.max_length)
     positions = int(model_config.text.max_position_embeddings)
     if length <= image_tokens:
         want = max(min(_round_up(image_tokens + 64, 64), positions), image_tokens + 1)
+        worst = (f" (AnyRes worst case: {images} x {image_tokens // images} tokens, an image that fills the largest "
+                 f"grid)" if model_config.anyres else "")
         problems.append(f"max_length={length} leaves no room for text after the {image_tokens} image tokens of a "
-                        f"row; set {flags.set('max_length', want)}")
+                        f"row{worst}; set {flags.set('max_length', want)}")
 
     if stage == 1 and config.init.stage1:
         problems.append(f"init.stage1={config.init.stage1!r} is for stage 2 (it supplies the trained projector); "
@@ -290,6 +293,18 @@ def _mesh_problems(config, num_devices: int, batch: int, microbatch: int, params
     if bad:
         problems.append(f"mesh data={mesh[0]} fsdp={mesh[1]} tensor={mesh[2]}: {bad}; {hint}")
     return problems
+
+
+def max_image_tokens(model_config) -> int:
+    """Placeholders the largest image takes: LLaVA-1.5's fixed count, or for AnyRes the most over the
+    grids (an image of a grid's exact shape keeps its whole tile grid: nothing is unpadded)."""
+    if not model_config.anyres:
+        return int(model_config.num_image_tokens)
+    from llava_jax.data import anyres
+
+    v = model_config.vision
+    return max(anyres.num_image_tokens(p, model_config.image_grid_pinpoints, v.image_size, v.patch_size)
+               for p in model_config.image_grid_pinpoints)
 
 
 def check_tokenizer(config, tokenizer) -> None:

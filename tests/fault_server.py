@@ -146,8 +146,7 @@ def serve_checkpoint(ckpt: str, model_id: str = "tiny"):
         yield f"http://127.0.0.1:{server.server_address[1]}/v1", model_id
     finally:
         server.shutdown()
-        server.service.scheduler.close()
-        server.server_close()
+        server.server_close()  # also stops the engine
 
 
 # Imported into several test modules, a session fixture would be built once per module; the cache

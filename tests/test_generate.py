@@ -171,6 +171,27 @@ def test_no_recompilation_within_a_bucket(models):
     assert gen.TRACE_COUNTS["prefill"] == before["prefill"] + 1
 
 
+def test_one_line_generate_reuses_its_generator_until_the_weights_change():
+    from flax import nnx
+
+    from llava_jax.models.llava import LlavaModel
+
+    config = tiny_llava_config()
+    model = LlavaModel(config, rngs=nnx.Rngs(5))
+    args = _args(config, [9, 17])
+    first = generate(model, *args, max_new_tokens=6, eos_token_id=[])
+    before = dict(gen.TRACE_COUNTS)
+    np.testing.assert_array_equal(generate(model, *args, max_new_tokens=6, eos_token_id=[]), first)
+    assert dict(gen.TRACE_COUNTS) == before  # the same compiled code
+    # new parameter arrays (a training step, a load): a new Generator sees them
+    head = model.language_model.lm_head
+    head.kernel[...] = -head.kernel[...]
+    changed = generate(model, *args, max_new_tokens=6, eos_token_id=[])
+    assert gen.TRACE_COUNTS["prefill"] == before["prefill"] + 1
+    np.testing.assert_array_equal(changed, Generator(model).generate(*args, max_new_tokens=6, eos_token_id=[]))
+    assert not np.array_equal(changed, first)
+
+
 def _args(config, lengths):
     ids, mask, pixels = _left_padded_batch(config, lengths, seed=len(lengths) + sum(lengths))
     return ids, pixels, mask

@@ -40,7 +40,7 @@ template's default system prompt; `plain` has none and raises `SystemTurnUnsuppo
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -109,7 +109,8 @@ class Template:
     """A conversation format. style 'two': turns end with sep / sep2 alternately (vicuna_v1);
     'single': every turn ends with sep (v0); 'plain': "<image>" + caption + sep (stage 1);
     'chatml': "<|im_start|>{role}\\n{text}<|im_end|>\\n" per turn; 'mpt': the reference's MPT style
-    (chatml_direct: no newline after <|im_end|>); 'hf': the tokenizer's own chat_template.
+    (chatml_direct: no newline after <|im_end|>); 'llama_2': "[INST] {q} [/INST]" questions and
+    " {a} </s>" answers (mistral_instruct); 'hf': the tokenizer's own chat_template.
     `end`: the end-of-turn token that closes answers and stops generation ('' for the reference's
     text separators; for 'hf' it is found from the tokenizer's rendering)."""
 
@@ -146,6 +147,8 @@ TEMPLATES = {
     # LLaVA-NeXT-34B's conv_chatml_direct (SeparatorStyle.MPT, sep "<|im_end|>").
     "chatml_direct": Template("chatml_direct", "Answer the questions.", ("user", "assistant"), "mpt", "",
                               end="<|im_end|>"),
+    # LLaVA-NeXT-Mistral-7B's conv_mistral_instruct (SeparatorStyle.LLAMA_2, sep "", sep2 "</s>", no system).
+    "mistral_instruct": Template("mistral_instruct", "", ("USER", "ASSISTANT"), "llama_2", "", "</s>"),
     # Whatever the tokenizer's own jinja chat_template renders (tokenizer.apply_chat_template).
     "tokenizer": Template("tokenizer", "", ("user", "assistant"), "hf", ""),
 }
@@ -259,6 +262,8 @@ def _pieces(template: Template, turns, generation: bool, system: Optional[str] =
         if generation:
             pieces.append((f"{IM_START}{t.roles[ASSISTANT]}\n", False))
         return pieces
+    if t.style == "llama_2":
+        return _llama_2_pieces(t, turns, system)
     pieces = [(_system_text(t, system) + t.sep, False)]
     for i, (role, text) in enumerate(turns):
         name = t.roles[role]
@@ -271,6 +276,23 @@ def _pieces(template: Template, turns, generation: bool, system: Optional[str] =
             pieces.append((f" {text}{t.turn_end(i)}", True))
     if generation:
         pieces.append((f"{t.roles[ASSISTANT]}:", False))
+    return pieces
+
+
+def _llama_2_pieces(t: Template, turns, system: Optional[str]) -> list:
+    """The reference's SeparatorStyle.LLAMA_2: each question "[INST] {q} [/INST]" (a non-empty system
+    prompt wrapped in <<SYS>> in front of the first one), each answer " {a} </s>", joined by sep ("").
+    The generation prompt ends with "[/INST]". Targets: " {a} </s>", the leading space starting the
+    answer's first token (the reference's preprocess_llama_2 masks "[INST] ... [/INST]" and keeps the rest)."""
+    system_text = _system_text(t, system)
+    pieces = []
+    for i, (role, text) in enumerate(turns):
+        if i == 0 and system_text:
+            text = f"<<SYS>>\n{system_text}\n<</SYS>>\n\n{text}"
+        if role == HUMAN:
+            pieces.append((f"{t.sep}[INST] {text} [/INST]", False))
+        else:
+            pieces.append((f" {text} {t.sep2}", True))
     return pieces
 
 
@@ -442,11 +464,24 @@ def _tokenize_exact(chunk: str, tokenizer, boundaries) -> tuple:
         cuts |= crossed
 
 
-def _tokenize_with_spans(text: str, target_spans, tokenizer, image_token_id: int, num_image_tokens: int,
+def image_token_counts(num_image_tokens, num_images: int) -> list:
+    """Placeholders per image: an int applies to every image (LLaVA-1/1.5); a sequence gives one count per
+    <image> in order (AnyRes, where each image's count depends on its size: anyres.num_image_tokens)."""
+    if isinstance(num_image_tokens, (int, np.integer)):
+        return [int(num_image_tokens)] * num_images
+    counts = [int(n) for n in num_image_tokens]
+    if len(counts) != num_images:
+        raise MalformedConversation(f"the conversation has {num_images} <image> marker(s) but {len(counts)} "
+                                    f"per-image token counts were given")
+    return counts
+
+
+def _tokenize_with_spans(text: str, target_spans, tokenizer, image_token_id: int, num_image_tokens,
                          exact: bool = False, bos: bool = True):
-    """Tokenize like the reference's tokenizer_image_token, expanding each <image>; a token is a target
-    when its first character lies in one of `target_spans` (character ranges of `text`). With `exact`,
-    no token crosses the edge of a target span (see _tokenize_exact)."""
+    """Tokenize like the reference's tokenizer_image_token, expanding each <image> (to its count from
+    `image_token_counts`); a token is a target when its first character lies in one of `target_spans`
+    (character ranges of `text`). With `exact`, no token crosses the edge of a target span (see
+    _tokenize_exact). -> (ids, targets, [(start, count)] of each image's placeholder run)."""
     is_target_char = np.zeros(len(text) + 1, bool)
     for start, end in target_spans:
         is_target_char[start:end] = True
@@ -455,11 +490,12 @@ def _tokenize_with_spans(text: str, target_spans, tokenizer, image_token_id: int
     image_positions = []
     chunk_start = 0
     chunks = text.split(IMAGE_PLACEHOLDER)
+    counts = image_token_counts(num_image_tokens, len(chunks) - 1)
     for k, chunk in enumerate(chunks):
         if k > 0:
-            image_positions.append(len(ids))
-            ids += [image_token_id] * num_image_tokens
-            targets += [False] * num_image_tokens
+            image_positions.append((len(ids), counts[k - 1]))
+            ids += [image_token_id] * counts[k - 1]
+            targets += [False] * counts[k - 1]
         if chunk and exact:
             edges = [p - chunk_start for span in target_spans for p in span]
             chunk_ids, starts = _tokenize_exact(chunk, tokenizer, edges)
@@ -474,13 +510,14 @@ def _tokenize_with_spans(text: str, target_spans, tokenizer, image_token_id: int
 
 
 def encode(conversations: Sequence[dict], tokenizer, template="vicuna_v1", image_token_id: int = 32000,
-           num_image_tokens: int = 576, max_length: Optional[int] = None) -> dict:
+           num_image_tokens: Union[int, Sequence[int]] = 576, max_length: Optional[int] = None) -> dict:
     """Tokenize a LLaVA JSON conversation for training -> {'input_ids', 'labels'} (int32 numpy).
 
     Targets are every assistant answer plus the separator closing it ("</s>" for vicuna_v1, "###" for
     v0, "\\n" for plain, the end-of-turn token "<|im_end|>" for chatml / chatml_direct and the
     chat_template's for 'tokenizer'); everything else is IGNORE_INDEX. With `max_length` the sample
-    is truncated (image tokens count); truncation through an image raises TooLong, and a sample
+    is truncated (image tokens count); `num_image_tokens` may be one count per <image> (AnyRes, see
+    `image_token_counts`). Truncation through an image raises TooLong, and a sample
     without any target raises EmptyTargets. Needs a fast (tokenizers-backed) tokenizer for
     character offsets. A template whose end-of-turn marker is not one special token of `tokenizer`
     raises TemplateMismatch (not a BadSample: no record can fix it).
@@ -501,10 +538,10 @@ def encode(conversations: Sequence[dict], tokenizer, template="vicuna_v1", image
                                                          num_image_tokens, exact=t.has_end_token,
                                                          bos=t.style != "hf")
     if max_length is not None and len(ids) > max_length:
-        for pos in image_positions:
-            if pos < max_length < pos + num_image_tokens:
+        for pos, count in image_positions:
+            if pos < max_length < pos + count:
                 raise TooLong(f"{len(ids)} tokens; truncating to max_length={max_length} would cut "
-                              f"through the image tokens at [{pos}, {pos + num_image_tokens})")
+                              f"through the image tokens at [{pos}, {pos + count})")
         ids, targets = ids[:max_length], targets[:max_length]
     input_ids = np.asarray(ids, np.int32)
     labels = np.where(np.asarray(targets, bool), input_ids, IGNORE_INDEX).astype(np.int32)
@@ -514,7 +551,7 @@ def encode(conversations: Sequence[dict], tokenizer, template="vicuna_v1", image
     return {"input_ids": input_ids, "labels": labels}
 
 
-def encode_prompt(prompt: str, tokenizer, image_token_id: int, num_image_tokens: int,
+def encode_prompt(prompt: str, tokenizer, image_token_id: int, num_image_tokens: Union[int, Sequence[int]],
                   template=None) -> np.ndarray:
     """Token ids of a rendered prompt (e.g. from `generation_prompt`), each <image> expanded to
     `num_image_tokens` copies of `image_token_id`: the input for generation. For the 'tokenizer'

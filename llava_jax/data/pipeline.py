@@ -13,7 +13,11 @@ sample stream plus the skip counts, taken before the first sample not yet in an 
 restoring it yields exactly the batches an uninterrupted iterator would have yielded.
 
 Batches follow docs/internals.md "Training batches": input_ids, labels, segment_ids, positions
-(B, S) int32 and pixel_values (B, M, H, W, 3) float32.
+(B, S) int32 and pixel_values (B, M, H, W, 3) float32. For an AnyRes model (LLaVA-1.6:
+`image_grid_pinpoints` set) an image has P tile slots and its own placeholder count
+(`anyres.num_image_tokens` of its size): pixel_values is (B, M, P, H, W, 3) and `image_sizes` holds
+each slot's int32 layout (B, M, 5) (`llava_next.LAYOUT_FIELDS`; zeros in unused slots), computed in
+the workers so the jitted step reads them as plain data.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Optional, Sequence
 import grain
 import numpy as np
 
+from llava_jax.data import anyres
 from llava_jax.data import conversation as conv
 from llava_jax.data import image as image_lib
 from llava_jax.data import sources as sources_lib
@@ -34,6 +39,9 @@ from llava_jax.data import sources as sources_lib
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Ints per AnyRes image layout: len(llava_next.LAYOUT_FIELDS), not imported (it would load jax into
+# the data workers).
+LAYOUT_WIDTH = 5
 
 
 class DataError(ValueError):
@@ -88,11 +96,15 @@ class SampleSpec:
     num_image_tokens: int = 576
     max_length: int = 2048
     max_images_per_row: int = 1
+    # AnyRes (LLaVA-1.6): the model's grids, (height, width) pairs; None = one tile per image (1.5).
+    grid_pinpoints: Optional[tuple] = None
+    patch_size: int = 14
 
 
 class SampleBuilder:
     """record -> {'id', 'input_ids', 'labels', 'pixel_values' (n, H, W, 3)} or a skip marker
-    {'id', 'skip': reason, 'message'}. Never raises for bad data (strictness is the consumer's);
+    {'id', 'skip': reason, 'message'}. With AnyRes, pixel_values is (n, P, H, W, 3) and
+    'image_layouts' (n, 5) int32 is added. Never raises for bad data (strictness is the consumer's);
     a template the tokenizer cannot serve is refused here, at set-up (conv.TemplateMismatch), not
     skipped record by record."""
 
@@ -133,6 +145,8 @@ class SampleBuilder:
         if num_images > s.max_images_per_row:
             raise conv.BadSample(f"{num_images} images but max_images_per_row={s.max_images_per_row}",
                                  "too_many_images")
+        if s.grid_pinpoints is not None:
+            return self._build_anyres(record, record_id, turns, has_image)
         encoded = conv.encode(turns, self.tokenizer, s.template, s.image_token_id, s.num_image_tokens,
                               max_length=s.max_length)
         if has_image:
@@ -142,6 +156,23 @@ class SampleBuilder:
         else:
             pixels = np.zeros((0, s.image_size, s.image_size, 3), np.float32)
         return {"id": record_id, **encoded, "pixel_values": pixels}
+
+    def _build_anyres(self, record, record_id: str, turns, has_image: bool) -> dict:
+        """The image's size fixes its placeholder count, so it is decoded before the text is encoded."""
+        s = self.spec
+        num_tiles = anyres.max_tiles(s.grid_pinpoints, s.image_size)
+        pixels = np.zeros((0, num_tiles, s.image_size, s.image_size, 3), np.float32)
+        layouts = np.zeros((0, LAYOUT_WIDTH), np.int32)
+        counts = []
+        if has_image:
+            if record.get("image_missing"):
+                raise image_lib.MissingImage(f"image file not found when the data was prepared: {record['image']}")
+            tiles, size_hw = anyres.preprocess_anyres(record["image"], s.grid_pinpoints, s.image_size, num_tiles)
+            layout = anyres.feature_layout(size_hw, s.grid_pinpoints, s.image_size, s.patch_size)
+            pixels, layouts, counts = tiles[None], np.asarray([layout.as_row()], np.int32), [layout.num_tokens]
+        encoded = conv.encode(turns, self.tokenizer, s.template, s.image_token_id, counts or s.num_image_tokens,
+                              max_length=s.max_length)
+        return {"id": record_id, **encoded, "pixel_values": pixels, "image_layouts": layouts}
 
 
 # ----- epoch order ------------------------------------------------------------------------------
@@ -244,6 +275,7 @@ class BatchSpec:
     packing: bool = False
     pad_token_id: int = 0
     strict: bool = False
+    num_tiles: int = 0       # AnyRes: tile slots per image (anyres.max_tiles); 0 = one tile per image
 
 
 class BatchIterator:
@@ -332,8 +364,11 @@ class BatchIterator:
             "labels": np.full((b, length), conv.IGNORE_INDEX, np.int32),
             "segment_ids": np.zeros((b, length), np.int32),
             "positions": np.zeros((b, length), np.int32),
-            "pixel_values": np.zeros((b, m, s.image_size, s.image_size, 3), np.float32),
+            "pixel_values": np.zeros((b, m) + ((s.num_tiles,) if s.num_tiles else ()) +
+                                     (s.image_size, s.image_size, 3), np.float32),
         }
+        if s.num_tiles:  # AnyRes: each slot's layout; an unused slot's zeros match no placeholder
+            batch["image_sizes"] = np.zeros((b, m, LAYOUT_WIDTH), np.int32)
         for r, row in enumerate(rows):
             start, slot = 0, 0
             for seg, sample in enumerate(row, 1):
@@ -345,6 +380,8 @@ class BatchIterator:
                 batch["positions"][r, start:start + n] = np.arange(n)
                 k = len(sample["pixel_values"])
                 batch["pixel_values"][r, slot:slot + k] = sample["pixel_values"]
+                if s.num_tiles:
+                    batch["image_sizes"][r, slot:slot + k] = sample["image_layouts"]
                 start, slot = start + n, slot + k
         return batch
 
@@ -419,10 +456,13 @@ def make_train_iterator(config, tokenizer, model_config, *, process_index: Optio
     max_length = int(config.max_length)
     sample_spec = SampleSpec(template=d.template, image_aspect=d.image_aspect, image_size=mc.vision.image_size,
                              image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
-                             max_length=max_length, max_images_per_row=int(d.max_images_per_row))
+                             max_length=max_length, max_images_per_row=int(d.max_images_per_row),
+                             grid_pinpoints=mc.image_grid_pinpoints, patch_size=mc.vision.patch_size)
     batch_spec = BatchSpec(batch_size=global_batch // process_count, max_length=max_length,
                            image_size=mc.vision.image_size, max_images_per_row=int(d.max_images_per_row),
-                           packing=bool(d.packing), pad_token_id=mc.pad_token_id, strict=bool(d.strict))
+                           packing=bool(d.packing), pad_token_id=mc.pad_token_id, strict=bool(d.strict),
+                           num_tiles=anyres.max_tiles(mc.image_grid_pinpoints, mc.vision.image_size)
+                           if mc.anyres else 0)
     is_train = split == "train"
     return build_iterator(
         make_source(config, mc, split), tokenizer, sample_spec, batch_spec,

@@ -1,8 +1,8 @@
 """Batched answers from a checkpoint: one user question (with or without an image) per row.
 
 Prompt building, image preprocessing and generation are the inference package's (ChatModel,
-left_pad, Generator); this only groups rows into batches and decodes each row up to its first stop
-id (`chat.eos_ids`: the EOS ids and the template's end-of-turn token, e.g. <|im_end|> for chatml).
+left_pad, Generator, the slot engine); this only groups rows into batches and decodes each row up
+to its first stop id (`chat.eos_ids`: the EOS ids and the template's end-of-turn token, e.g. <|im_end|> for chatml).
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 from tqdm import tqdm
 
 
-def load_chat_model(ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None):
+def load_chat_model(ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None,
+                    adapter: Optional[str] = None):
     from llava_jax.infer.prompting import ChatModel
 
-    return ChatModel.load(ckpt, template=template, image_aspect=image_aspect)
+    return ChatModel.load(ckpt, template=template, image_aspect=image_aspect, adapter=adapter)
 
 
 def answer_batch(chat, questions: Sequence[str], images: Sequence, *, max_new_tokens: int = 128,
@@ -40,11 +41,34 @@ def answer_batch(chat, questions: Sequence[str], images: Sequence, *, max_new_to
 
 
 def answer_all(chat, questions: Sequence[str], images: Sequence, *, batch_size: int = 8, progress: bool = True,
-               desc: str = "answering", **kwargs) -> list[str]:
-    out = []
-    with tqdm(total=len(questions), disable=not progress, desc=desc) as bar:
-        for start in range(0, len(questions), batch_size):
-            stop = start + batch_size
-            out += answer_batch(chat, questions[start:stop], images[start:stop], **kwargs)
-            bar.update(len(questions[start:stop]))
-    return out
+               desc: str = "answering", max_new_tokens: int = 128, temperature: float = 0.0) -> list[str]:
+    """Answers to every question, `batch_size` decoded side by side in the slot engine
+    (`llava_jax.infer.engine`): a row whose answer ends early takes the next question at once instead
+    of waiting for the longest answer of its batch. Greedy answers equal `answer_batch`'s. Questions
+    are encoded (and their images preprocessed) just before they are needed, not all up front."""
+    from llava_jax.infer.engine import Engine, Request
+
+    # Room for max_new_tokens after any prompt the model's positions cover (as answer_batch allows).
+    context = chat.config.text.max_position_embeddings + max_new_tokens
+    engine = Engine(chat.generator, max_batch=batch_size, max_queue=2 * batch_size, max_context=context,
+                    eos_ids=chat.eos_ids, pad_id=chat.pad_id)
+    items = list(zip(questions, images, strict=True))
+    requests, pending = [], []
+    with tqdm(total=len(items), disable=not progress, desc=desc) as bar:
+        while len(requests) < len(items) or pending:
+            while len(requests) < len(items) and engine.queue_length < batch_size:
+                text, image = items[len(requests)]
+                ids = chat.prompts.input_ids([("user", text, image is not None)])
+                pixels = chat.prompts.pixels(image)[None] if image is not None else None
+                requests.append(engine.submit(Request(ids, pixels, max_tokens=max_new_tokens,
+                                                      temperature=temperature)))
+                pending.append(requests[-1])
+            engine.step()
+            for r in [r for r in pending if r.finished]:
+                pending.remove(r)
+                r.pixels = None  # the answer is all that is kept
+                bar.update(1)
+    for r in requests:
+        if r.error:
+            raise RuntimeError(f"answering failed: {r.error}")
+    return [chat.tokenizer.decode(r.tokens, skip_special_tokens=True).strip() for r in requests]

@@ -135,6 +135,7 @@ def judge_all(questions, contexts: dict, references: dict, answers: dict, client
 def add_parser(sub):
     p = sub.add_parser("llava-bench", help="LLaVA-Bench: answer, judge with an LLM, relative scores")
     p.add_argument("--ckpt", help="model folder or workdir (or give --model-answers)")
+    p.add_argument("--adapter", help="LoRA adapter merged into --ckpt (a LoRA training workdir or a peft folder)")
     p.add_argument("--model-answers", help="JSONL {question_id, text} to judge instead of running --ckpt")
     p.add_argument("--questions", required=True, help="questions.jsonl {question_id, image, text, category}")
     p.add_argument("--context", required=True, help="context JSONL {image, caption(s)[, instances]}")
@@ -202,7 +203,7 @@ def run_cli(args) -> int:
 def answer_questions(args, questions) -> dict:
     from .answering import answer_all, load_chat_model
 
-    chat = load_chat_model(args.ckpt, template=args.template)
+    chat = load_chat_model(args.ckpt, template=args.template, adapter=args.adapter)
     images = [Path(args.images) / q["image"] for q in questions]
     for q, path in zip(questions, images):
         if not path.is_file():

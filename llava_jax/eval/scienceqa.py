@@ -130,6 +130,7 @@ def model_prompt(problem: dict, prompt_format: str, single_pred_prompt: bool) ->
 def add_parser(sub):
     p = sub.add_parser("scienceqa", help="ScienceQA accuracy of a checkpoint (or of a predictions file)")
     p.add_argument("--ckpt", help="model folder or workdir; without it, --preds is scored as is")
+    p.add_argument("--adapter", help="LoRA adapter merged into --ckpt (a LoRA training workdir or a peft folder)")
     p.add_argument("--data", required=True, help="ScienceQA release: problems.json, pid_splits.json, <split>/<pid>/image.png")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="scienceqa_preds.jsonl", help="predictions JSONL to write (with --ckpt)")
@@ -170,7 +171,7 @@ def run_cli(args) -> int:
 def predict(args, problems: dict, pids) -> dict:
     from .answering import answer_all, load_chat_model
 
-    chat = load_chat_model(args.ckpt, template=args.template)
+    chat = load_chat_model(args.ckpt, template=args.template, adapter=args.adapter)
     prompts = [model_prompt(problems[pid], args.prompt_format, args.single_pred_prompt) for pid in pids]
     images = [image_path(args.data, args.split, pid, problems[pid]) for pid in pids]
     replies = answer_all(chat, prompts, images, batch_size=args.batch_size, progress=not args.no_progress,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -150,7 +151,8 @@ def _choose_tokens(logits, sampling, step, sample: bool, width: int = 0):
 
     width: the `filter_width` of the sampled rows (0: no top-k/top-p filter to apply).
     Each row has its own key, folded with the step number, so a row's draws depend only on its seed
-    and position in the answer (not on the batch it shares or on the chunk size).
+    and position in the answer (not on the batch it shares or on the chunk size). `step` is one
+    number for all rows or one per row (the engine's rows are at different steps of their answers).
     """
     greedy = greedy_tokens(logits)
     if not sample:
@@ -158,7 +160,8 @@ def _choose_tokens(logits, sampling, step, sample: bool, width: int = 0):
     temperature, top_k, top_p, keys = sampling
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = _filter_top_k_top_p(scaled, top_k, top_p, width) if width else scaled
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys.shape)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
     drawn = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
@@ -473,9 +476,35 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     stream_callback(tokens, active): called once per step with the new token of every row (int32
       (B,)) and which rows were still generating (bool (B,)); finished rows hold the pad id.
     mesh: place the parameters over this mesh (`llava_jax.sharding.make_mesh`) for big models.
+
+    Calls on the same model reuse one Generator (and so its compiled code) while the model's
+    parameter arrays are the same objects; after the parameters change (training, loading) the next
+    call builds a new one. The cached Generator holds its own copy of the decoder weights (see
+    `Generator`) for as long as the model lives: pass a `Generator` yourself to control that memory,
+    or call `clear_generator_cache()`.
     """
-    generator = model if isinstance(model, Generator) else Generator(model, mesh=mesh)
+    generator = model if isinstance(model, Generator) else _cached_generator(model, mesh)
     return generator.generate(input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
                               tokenizer=tokenizer, stream_callback=stream_callback)
+
+
+# model -> (mesh, its parameter arrays when the Generator was built, Generator)
+_GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cached_generator(model, mesh) -> Generator:
+    leaves = jax.tree.leaves(nnx.state(model))
+    hit = _GENERATORS.get(model)
+    if (hit is not None and hit[0] is mesh and len(hit[1]) == len(leaves)
+            and all(a is b for a, b in zip(hit[1], leaves))):
+        return hit[2]
+    generator = Generator(model, mesh=mesh)
+    _GENERATORS[model] = (mesh, leaves, generator)
+    return generator
+
+
+def clear_generator_cache() -> None:
+    """Forget the Generators `generate` built (and their weight copies)."""
+    _GENERATORS.clear()

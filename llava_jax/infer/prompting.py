@@ -184,17 +184,22 @@ class ChatModel:
     @classmethod
     def load(cls, ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None,
              mesh=None, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
-             chunk_size: Optional[int] = None, weights_dtype: str = "float32") -> "ChatModel":
+             chunk_size: Optional[int] = None, weights_dtype: str = "float32",
+             adapter: Optional[str] = None) -> "ChatModel":
         """dtype: compute dtype override ('bfloat16' on TPU); param_dtype: 'bfloat16' halves the
         parameter memory for inference; mesh: shard the parameters over it; weights_dtype:
         'bfloat16' or 'int8' converts the language model's matmul kernels for generation
-        (`llava_jax.infer.weights`; faster decoding on CPU, slightly different logits)."""
+        (`llava_jax.infer.weights`; faster decoding on CPU, slightly different logits); adapter: a
+        LoRA training workdir or peft adapter folder merged into `ckpt` (the base) as it loads."""
         from llava_jax.checkpoint import load_pretrained, load_tokenizer
         from llava_jax.infer.generate import DEFAULT_CHUNK_SIZE, Generator
 
-        settings, tokenizer = chat_settings(ckpt, template, image_aspect), load_tokenizer(ckpt)
+        # A LoRA run records the template it was trained with; a peft folder has none (the base's applies).
+        run = _lora_run(adapter)
+        settings = chat_settings(run or ckpt, template, image_aspect)
+        tokenizer = load_tokenizer(ckpt)
         conversation.check_tokenizer(settings.template, tokenizer)  # before the weights: fail fast
-        model, _ = load_pretrained(ckpt, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+        model, _ = load_pretrained(ckpt, dtype=dtype, mesh=mesh, param_dtype=param_dtype, adapter=adapter)
         generator = Generator(model, mesh=mesh, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
                               weights_dtype=weights_dtype)
         return cls(generator, tokenizer, settings)
@@ -227,6 +232,16 @@ class ChatModel:
         return stream.text()
 
 
+def _lora_run(adapter: Optional[str]) -> Optional[str]:
+    """The workdir of a LoRA training run given as --adapter (None for a peft folder or no adapter)."""
+    if not adapter:
+        return None
+    from llava_jax.peft_io import read_run_file
+
+    run = read_run_file(adapter)
+    return run["root"] if run else None
+
+
 def mesh_from_arg(arg: Optional[str]):
     """'--mesh data,fsdp,tensor' (one size may be -1) -> a Mesh; None/'' -> None (one device)."""
     if not arg:
@@ -254,10 +269,12 @@ def add_model_arguments(parser) -> None:
                         help="language-model matmul kernels for generation: float32 keeps them as loaded; "
                              "bfloat16 or int8 (int8 kernels and per-row int8 inputs) decode faster on CPU "
                              "with slightly different logits (BENCHMARKS.md)")
+    parser.add_argument("--adapter", help="LoRA adapter merged into --ckpt (the base) when loading: a LoRA "
+                        "training workdir or a peft adapter folder (the reference's too)")
 
 
 def load_from_args(args) -> ChatModel:
     """A ChatModel from `--ckpt` and the options of `add_model_arguments`."""
     return ChatModel.load(args.ckpt, template=args.template, image_aspect=args.image_aspect, dtype=args.dtype,
                           param_dtype=args.param_dtype, mesh=mesh_from_arg(args.mesh),
-                          weights_dtype=args.weights_dtype)
+                          weights_dtype=args.weights_dtype, adapter=getattr(args, "adapter", None))

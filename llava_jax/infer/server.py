@@ -1,27 +1,30 @@
-"""`llava-jax serve`: an OpenAI-compatible HTTP server with a chat page, standard library only.
+"""`llava-jax serve`: an OpenAI-compatible HTTP server with a chat page (Starlette on uvicorn).
 
-  llava-jax serve --ckpt DIR [--host 127.0.0.1] [--port 8000]
+  llava-jax serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
+                  [--request-timeout 600]
 
 Endpoints: POST /v1/chat/completions (text and image_url parts with data: URIs; stream: true gives
 server-sent events in OpenAI's chunk format ending with [DONE]; temperature, top_p, max_tokens,
-stop, seed), GET /v1/models, GET /health, and the chat page at /.
+stop, seed), GET /v1/models, GET /health, GET /metrics (Prometheus), and the chat page at /.
 
-Requests arriving close together are decoded together: one scheduler thread owns the model; it
-takes the first waiting request, collects more for a short window (up to --max-batch), left-pads
-them into one batch and runs a single generate() whose per-step callback streams every row to its
-own client. Bad input gets a 4xx with {"error": {"message", "type", "param", "code"}}.
+Requests go to the slot engine (`llava_jax.infer.engine`): --max-batch decode slots that requests
+enter (after their prefill) and leave (EOS, stop, max_tokens, a client that hung up, the timeout)
+between decode steps. Limits: a bounded queue (beyond it 429 with Retry-After; 503 while shutting
+down), a per-request timeout (504), body and image sizes (413), a slow body (408), max_tokens
+within the context and the engine's cache (400). Bad input gets a 4xx with
+{"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import dataclasses
-import http.server
 import json
 import os
-import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -29,6 +32,15 @@ import uuid
 from typing import Optional
 
 import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llava_jax.infer.engine import Engine, EngineClosed, QueueFull, Request
+from llava_jax.infer.metrics import ServerMetrics
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 
@@ -39,9 +51,10 @@ class ApiError(Exception):
     """An error reported to the client as HTTP `status` with an OpenAI-style JSON body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -55,24 +68,14 @@ class Limits:
     max_images_per_request: int = 4
     default_max_tokens: int = 512
     max_context: Optional[int] = None  # default: the model's max_position_embeddings
+    max_queue: int = 64  # requests waiting for a decode slot; beyond: 429 with Retry-After
+    retry_after_s: int = 1
+    request_timeout_s: Optional[float] = 600.0  # accepted -> last token; then 504
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
+    keep_alive_s: int = 5
 
 
 # ----- requests ------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Job:
-    """One chat completion on its way through the scheduler. `events` receives ('delta', text),
-    then ('done', finish_reason, completion_tokens) or ('error', ApiError)."""
-
-    input_ids: np.ndarray
-    pixels: Optional[np.ndarray]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop: list
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
-
 
 def _decode_image(url: str, where: str, limits: Limits):
     """A data: URI -> PIL image, or ApiError saying what is wrong with it."""
@@ -177,105 +180,44 @@ def parse_messages(messages, limits: Limits):
     return system, turns, images
 
 
-# ----- the batching scheduler ------------------------------------------------------------------
-
-class BatchScheduler:
-    """Owns the model: runs waiting jobs together, one generate() per batch."""
-
-    def __init__(self, chat_model, max_batch: int = 8, window_s: float = 0.02):
-        self.chat_model = chat_model
-        self.max_batch, self.window_s = max_batch, window_s
-        self.queue: queue.Queue = queue.Queue()
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
-        self._thread = threading.Thread(target=self._run, name="llava-jax-batcher", daemon=True)
-        self._stop = threading.Event()
-        self._thread.start()
-
-    def submit(self, job: Job) -> Job:
-        self.queue.put(job)
-        return job
-
-    def close(self):
-        self._stop.set()
-        self.queue.put(None)
-        self._thread.join(timeout=10)
-
-    def _collect(self) -> list:
-        first = self.queue.get()
-        if first is None:
-            return []
-        jobs, deadline = [first], time.monotonic() + self.window_s
-        while len(jobs) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                job = self.queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if job is None:
-                self._stop.set()
-                break
-            jobs.append(job)
-        return jobs
-
-    def _run(self):
-        while not self._stop.is_set():
-            jobs = self._collect()
-            if not jobs:
-                continue
-            try:
-                self._run_batch(jobs)
-            except Exception as e:  # a failure fails this batch's requests, not the server
-                error = ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
-                for job in jobs:
-                    job.events.put(("error", error))
-
-    def _run_batch(self, jobs: list):
-        from llava_jax.infer.prompting import TextStream, left_pad
-
-        cm = self.chat_model
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(jobs)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        ids, mask = left_pad([job.input_ids for job in jobs], cm.pad_id)
-        # Images in row order = the order their placeholders appear in the batch (row-major).
-        pixels = [job.pixels for job in jobs if job.pixels is not None]
-        pixels = np.concatenate(pixels) if pixels else None
-        streams = [TextStream(cm.tokenizer, job.stop) for job in jobs]
-        counts = [0] * len(jobs)
-
-        def on_step(tokens, active):
-            for b in np.flatnonzero(active):
-                token = int(tokens[b])
-                if token in cm.eos_ids:
-                    continue
-                counts[b] += 1
-                delta = streams[b].push(token)
-                if delta:
-                    jobs[b].events.put(("delta", delta))
-
-        _, reasons = cm.generator.generate(
-            ids, pixels, mask, max_new_tokens=np.array([job.max_tokens for job in jobs]),
-            temperature=np.array([job.temperature for job in jobs]), top_p=np.array([job.top_p for job in jobs]),
-            seed=np.array([job.seed for job in jobs]), eos_token_id=cm.eos_ids, pad_token_id=cm.pad_id,
-            stop_per_row=[job.stop for job in jobs], tokenizer=cm.tokenizer, stream_callback=on_step,
-            return_finish_reasons=True)
-        for job, stream, count, reason in zip(jobs, streams, counts, reasons):
-            rest = stream.finish()
-            if rest:
-                job.events.put(("delta", rest))
-            job.events.put(("done", "length" if reason == "length" else "stop", count))
-
-
 # ----- the service: validation and response building, independent of HTTP ----------------------
 
+# OpenAI chat-completion parameters: those not listed in `start_completion` are accepted and ignored
+# (clients send them with their defaults); any other field is a mistake and gets a 400 naming it.
+KNOWN_FIELDS = frozenset((
+    "model messages temperature top_p max_tokens max_completion_tokens stop seed stream stream_options n "
+    "user frequency_penalty presence_penalty logit_bias logprobs top_logprobs response_format tools "
+    "tool_choice parallel_tool_calls functions function_call metadata store service_tier modalities "
+    "reasoning_effort prediction audio web_search_options").split())
+
+@dataclasses.dataclass
+class Completion:
+    """A validated chat completion: the engine request and what the response needs."""
+    request: Request
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int
+    stop: list
+
+
 class Service:
+    """Validates requests, feeds the scheduler (the slot engine, or `--scheduler window`)."""
+
     def __init__(self, chat_model, model_id: str, limits: Limits = Limits(), max_batch: int = 8,
-                 batch_window_s: float = 0.02):
+                 batch_window_s: float = 0.02, scheduler: str = "engine", chunk_size: int = 1):
         self.chat_model, self.model_id, self.limits = chat_model, model_id, limits
         self.context = limits.max_context or chat_model.config.text.max_position_embeddings
-        self.scheduler = BatchScheduler(chat_model, max_batch=max_batch, window_s=batch_window_s)
+        kw = dict(max_batch=max_batch, max_queue=limits.max_queue, max_context=self.context,
+                  eos_ids=chat_model.eos_ids, pad_id=chat_model.pad_id, tokenizer=chat_model.tokenizer)
+        if scheduler == "engine":
+            self.scheduler = Engine(chat_model.generator, chunk_size=chunk_size, **kw).start()
+        elif scheduler == "window":
+            from llava_jax.infer.window_scheduler import WindowScheduler
+
+            self.scheduler = WindowScheduler(chat_model.generator, window_s=batch_window_s, **kw).start()
+        else:
+            raise ValueError(f"unknown scheduler {scheduler!r}; expected 'engine' or 'window'")
+        self.metrics = ServerMetrics(self.scheduler)
         self.created = int(time.time())
 
     def models(self) -> dict:
@@ -283,12 +225,19 @@ class Service:
                                             "owned_by": "llava-jax"}]}
 
     def health(self) -> dict:
-        return {"status": "ok", "model": self.model_id, **self.scheduler.stats}
+        stats = self.scheduler.stats
+        return {"status": "ok", "model": self.model_id, "requests": stats["requests"],
+                "batches": stats["prefills"], "largest_batch": stats["largest_batch"],
+                "queue_length": self.scheduler.queue_length, "busy_slots": self.scheduler.busy_slots}
 
-    def start_completion(self, body) -> tuple:
-        """Validate a request and queue it -> (job, stream?, prompt token count)."""
+    def start_completion(self, body) -> Completion:
+        """Validate a request -> Completion (not yet submitted)."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - KNOWN_FIELDS)
+        if unknown:
+            raise ApiError(400, f"unrecognized request argument(s): {', '.join(map(repr, unknown))}",
+                           param=unknown[0], code="unknown_parameter")
         model = body.get("model")
         if model != self.model_id:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r}",
@@ -307,6 +256,9 @@ class Service:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object", param="stream_options")
 
         system, turns, images = parse_messages(body.get("messages"), self.limits)
         cm = self.chat_model
@@ -324,184 +276,272 @@ class Service:
             raise ApiError(400, f"messages: {e}", param="messages") from None
         pixels = np.stack([builder.pixels(im) for im in images]) if images else None
         prompt_tokens = len(input_ids)
-        room = self.context - prompt_tokens
+        room = min(self.context - prompt_tokens, self.scheduler.capacity(prompt_tokens))
         if max_tokens is None:
             max_tokens = min(self.limits.default_max_tokens, room)
         if room < 1 or max_tokens > room:
             raise ApiError(400, f"this model's context is {self.context} tokens; the messages take "
                                 f"{prompt_tokens} tokens (each image counts {cm.config.num_image_tokens}) and "
-                                f"{max_key} asks for {max_tokens} more", param="messages",
-                           code="context_length_exceeded")
-        job = Job(input_ids, pixels, max_tokens, temperature, top_p, seed, stop)
-        return self.scheduler.submit(job), stream, prompt_tokens
+                                f"{max_key} asks for {max_tokens} more (at most {max(room, 0)} fit)",
+                           param="messages", code="context_length_exceeded")
+        request = Request(input_ids, pixels, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, stop=stop, timeout_s=self.limits.request_timeout_s)
+        return Completion(request, stream, bool(options.get("include_usage")), prompt_tokens, stop)
+
+    def submit(self, completion: Completion, forward) -> None:
+        """Queue the request; its events go to `forward(kind, value)` (from the engine thread)."""
+        request = completion.request
+        request.on_event = self.metrics.watch(request, forward)
+        try:
+            self.scheduler.submit(request)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry later", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(self.limits.retry_after_s)}) from None
+        except EngineClosed as e:
+            raise ApiError(503, f"the server is shutting down ({e})", type="server_error", code="unavailable",
+                           headers={"Retry-After": str(self.limits.retry_after_s)}) from None
+        except ValueError as e:  # the engine's own checks (images, capacity)
+            raise ApiError(400, str(e), param="messages") from None
+        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
 
     def completion_id(self) -> str:
         return "chatcmpl-" + uuid.uuid4().hex[:24]
 
-
-# ----- HTTP ----------------------------------------------------------------------------------
-
-def _wait(job: Job, timeout: float):
-    try:
-        return job.events.get(timeout=timeout)
-    except queue.Empty:
-        raise ApiError(504, f"no progress from the model in {timeout:.0f} s", type="server_error") from None
+    def close(self):
+        self.scheduler.close()
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    service: Service  # set on the subclass made by make_server
-    server_version = "llava-jax"
-    step_timeout_s = 600.0
+# ----- HTTP (Starlette on uvicorn) ---------------------------------------------------------------
 
-    def log_message(self, fmt, *args):  # quiet unless asked
-        if getattr(self.server, "verbose", False):
-            super().log_message(fmt, *args)
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    # -- helpers
-    def _send_json(self, status: int, obj: dict):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _send_error(self, error: ApiError):
-        self._send_json(error.status, error.body())
+async def _read_json(request: StarletteRequest, limits: Limits):
+    """The body as JSON, within the size limit and the body timeout (a slow client gets 408)."""
+    limit = limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise ApiError(400, f"bad Content-Length {declared!r}")
 
-    def _read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise ApiError(411, "a Content-Length header is required")
-        try:
-            length = int(length)
-        except ValueError:
-            raise ApiError(400, f"bad Content-Length {length!r}") from None
-        limit = self.service.limits.max_body_bytes
-        if length > limit:
-            # Drain (bounded) so the client sees the answer instead of a reset connection.
-            remaining = min(length, 4 * limit)
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 1 << 20))
-                if not chunk:
+    async def read() -> bytes:
+        chunks, size = [], 0
+        too_large = declared is not None and int(declared) > limit
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+            if too_large:
+                # Drain (bounded) so the client reads the answer instead of a reset connection.
+                if size > 4 * limit:
                     break
-                remaining -= len(chunk)
-            self.close_connection = True
-            raise ApiError(413, f"request body of {length} bytes exceeds the {limit} bytes this server accepts",
-                           code="body_too_large")
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+                continue
+            chunks.append(chunk)
+        if too_large:
+            raise ApiError(413, f"request body of {declared or size} bytes exceeds the {limit} bytes this server "
+                                f"accepts", code="body_too_large", headers={"Connection": "close"})
+        return b"".join(chunks)
 
-    # -- routes
-    def do_GET(self):
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            self._send_json(200, self.service.health())
-        elif path == "/v1/models":
-            self._send_json(200, self.service.models())
-        elif path in ("/", "/index.html"):
-            with open(os.path.join(WEB_DIR, "index.html"), "rb") as f:
-                data = f.read()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        else:
-            self._send_error(ApiError(404, f"no route GET {path}", code="not_found"))
+    try:
+        raw = await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                       code="body_timeout", headers={"Connection": "close"}) from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
-    def do_POST(self):
-        path = self.path.split("?", 1)[0]
-        try:
-            if path != "/v1/chat/completions":
-                raise ApiError(404, f"no route POST {path}", code="not_found")
-            body = self._read_body()
-            job, stream, prompt_tokens = self.service.start_completion(body)
-        except ApiError as e:
-            self._send_error(e)
-            return
-        try:
-            if stream:
-                self._stream(job, prompt_tokens, body)
-            else:
-                self._complete(job, prompt_tokens)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; its row finishes with the batch
 
-    def _complete(self, job: Job, prompt_tokens: int):
-        text = []
+class _Events:
+    """The engine's events for one request, delivered on the event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def forward(self, kind, value):  # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+    async def __aiter__(self):
         while True:
-            event = _wait(job, self.step_timeout_s)
-            if event[0] == "delta":
-                text.append(event[1])
-            elif event[0] == "error":
-                self._send_error(event[1])
+            kind, value = await self.queue.get()
+            yield kind, value
+            if kind in ("done", "error"):
                 return
+
+
+async def _cancel_on_disconnect(request: StarletteRequest, engine_request: Request):
+    """Wait for the client to hang up, then cancel: its slot is freed before the next decode step."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            engine_request.cancel()
+            return
+
+
+def _end_error(reason: str, limits: Limits) -> Optional[ApiError]:
+    if reason == "timeout":
+        return ApiError(504, f"the request did not finish within {limits.request_timeout_s:g} s "
+                             f"(--request-timeout)", type="server_error", code="timeout")
+    if reason == "cancelled":
+        return ApiError(499, "the request was cancelled", code="cancelled")
+    return None
+
+
+def build_app(service: Service) -> Starlette:
+    from llava_jax.infer.prompting import TextStream
+
+    limits = service.limits
+
+    async def index(request):
+        return FileResponse(os.path.join(WEB_DIR, "index.html"), media_type="text/html; charset=utf-8")
+
+    async def health(request):
+        return JSONResponse(service.health())
+
+    async def models(request):
+        return JSONResponse(service.models())
+
+    async def metrics(request):
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    async def not_found(request):
+        return _error_response(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    async def chat_completions(request):
+        try:
+            body = await _read_json(request, limits)
+            completion = await run_in_threadpool(service.start_completion, body)  # images, tokenizer: CPU work
+            events = _Events()
+            service.submit(completion, events.forward)
+        except ApiError as e:
+            service.metrics.requests.labels(str(e.status)).inc()
+            return _error_response(e)
+        if completion.stream:
+            service.metrics.requests.labels("200").inc()
+            return StreamingResponse(_stream(completion, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, completion.request))
+        try:
+            response = await _complete(completion, events)
+        finally:
+            watcher.cancel()
+        service.metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    async def _complete(completion: Completion, events: _Events) -> Response:
+        text, count, reason = TextStream(service.chat_model.tokenizer, completion.stop), 0, None
+        async for kind, value in events:
+            if kind == "token":
+                count += 1
+                text.push(value)
+            elif kind == "error":
+                return _error_response(ApiError(500, value, type="server_error"))
             else:
-                _, reason, count = event
-                break
-        self._send_json(200, {
-            "id": self.service.completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": self.service.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "finish_reason": reason, "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                      "total_tokens": prompt_tokens + count}})
+                reason = value
+        error = _end_error(reason, limits)
+        if error is not None:
+            return _error_response(error)
+        text.finish()
+        return JSONResponse({
+            "id": service.completion_id(), "object": "chat.completion", "created": int(time.time()),
+            "model": service.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.text()},
+                         "finish_reason": "length" if reason == "length" else "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": count,
+                      "total_tokens": completion.prompt_tokens + count}})
 
-    def _stream(self, job: Job, prompt_tokens: int, body: dict):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        base = {"id": self.service.completion_id(), "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": self.service.model_id}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    async def _stream(completion: Completion, events: _Events):
+        base = {"id": service.completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": service.model_id}
 
-        def send(obj):
-            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-            self.wfile.flush()
+        def sse(obj) -> bytes:
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
         def chunk(delta, reason=None):
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            return {**base, "choices": [choice]}
+            return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
-        send(chunk({"role": "assistant", "content": ""}))
-        while True:
-            event = _wait(job, self.step_timeout_s)
-            if event[0] == "delta":
-                send(chunk({"content": event[1]}))
-            elif event[0] == "error":
-                send(event[1].body())
-                break
-            else:
-                _, reason, count = event
-                send(chunk({}, reason))
-                if include_usage:
-                    send({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                                                           "total_tokens": prompt_tokens + count}})
-                break
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        text, count = TextStream(service.chat_model.tokenizer, completion.stop), 0
+        try:  # Starlette cancels this generator when the client disconnects: `finally` frees the slot
+            yield chunk({"role": "assistant", "content": ""})
+            async for kind, value in events:
+                if kind == "token":
+                    count += 1
+                    delta = text.push(value)
+                    if delta:
+                        yield chunk({"content": delta})
+                elif kind == "error":
+                    yield sse(ApiError(500, value, type="server_error").body())
+                else:
+                    error = _end_error(value, limits)
+                    if error is not None:
+                        yield sse(error.body())
+                        break
+                    rest = text.finish()
+                    if rest:
+                        yield chunk({"content": rest})
+                    yield chunk({}, "length" if value == "length" else "stop")
+                    if completion.include_usage:
+                        yield sse({**base, "choices": [], "usage": {
+                            "prompt_tokens": completion.prompt_tokens, "completion_tokens": count,
+                            "total_tokens": completion.prompt_tokens + count}})
+            yield b"data: [DONE]\n\n"
+        finally:
+            completion.request.cancel()  # no-op once finished
+
+    routes = [Route("/", index), Route("/index.html", index), Route("/health", health),
+              Route("/v1/models", models), Route("/metrics", metrics),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
+    return Starlette(routes=routes)
 
 
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    verbose = False
+class Server:
+    """uvicorn serving the app on a socket bound at construction (port 0 = any free port), with the
+    interface of the standard library's servers: serve_forever(), shutdown(), server_close()."""
+
+    def __init__(self, service: Service, host: str, port: int, verbose: bool = False):
+        self.service = service
+        self.app = build_app(service)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.server_address = self.socket.getsockname()
+        self.verbose = verbose
+        self._uvicorn = None
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: Optional[float] = None):
+        config = uvicorn.Config(self.app, log_config=None, log_level="info" if self.verbose else "warning",
+                                access_log=self.verbose, timeout_graceful_shutdown=5,
+                                timeout_keep_alive=self.service.limits.keep_alive_s)
+        self._uvicorn = uvicorn.Server(config)
+        self._stopped.clear()
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 30.0):
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            self._stopped.wait(timeout)
+
+    def server_close(self):
+        self.service.close()
+        self.socket.close()
 
 
 def make_server(chat_model, host: str = "127.0.0.1", port: int = 8000, model_id: str = "llava-jax",
-                limits: Limits = Limits(), max_batch: int = 8, batch_window_s: float = 0.02) -> Server:
-    """An HTTP server bound to (host, port) (port 0 = any free port); call serve_forever()."""
-    service = Service(chat_model, model_id, limits, max_batch=max_batch, batch_window_s=batch_window_s)
-    handler = type("BoundHandler", (Handler,), {"service": service})
-    server = Server((host, port), handler)
-    server.service = service
-    return server
+                limits: Limits = Limits(), max_batch: int = 8, batch_window_s: float = 0.02,
+                scheduler: str = "engine", chunk_size: int = 1) -> Server:
+    """An HTTP server bound to (host, port) (port 0 = any free port); call serve_forever().
+    `batch_window_s` only matters to scheduler='window' (the scheduler before the slot engine)."""
+    service = Service(chat_model, model_id, limits, max_batch=max_batch, batch_window_s=batch_window_s,
+                      scheduler=scheduler, chunk_size=chunk_size)
+    return Server(service, host, port)
 
 
 def parse_args(argv):
@@ -512,9 +552,16 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint folder's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot beyond which the server answers 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds from accepting a request to its last token; then 504 (or an error event)")
+    p.add_argument("--scheduler", choices=("engine", "window"), default="engine",
+                   help="engine: decode slots that requests enter and leave between steps; window: the older "
+                        "batch-per-window scheduler (for comparison)")
     p.add_argument("--batch-window-ms", type=float, default=20.0,
-                   help="how long the first waiting request waits for others to join its batch")
+                   help="--scheduler window only: how long the first waiting request waits for others")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens")
     p.add_argument("--max-body-mb", type=float, default=32.0)
     p.add_argument("--max-image-mb", type=float, default=16.0)
@@ -530,26 +577,29 @@ def main(argv=None) -> int:
     chat_model = load_from_args(args)
     model_id = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_image_bytes=int(args.max_image_mb * 2 ** 20),
-                    default_max_tokens=args.max_tokens)
+                    default_max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    request_timeout_s=args.request_timeout)
     server = make_server(chat_model, args.host, args.port, model_id, limits, max_batch=args.max_batch,
-                         batch_window_s=args.batch_window_ms / 1000)
+                         batch_window_s=args.batch_window_ms / 1000, scheduler=args.scheduler)
     server.verbose = args.verbose
     host, port = server.server_address[:2]
-    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: a Python handler also replaces the native
-    # failure handler that would print "*** SIGTERM received ..." with a stack trace. Installed before
-    # the "serving" line, so a client that stops the server as soon as it reads that line is handled.
+    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: uvicorn shuts down gracefully, then
+    # raises the signal again for this handler, which also replaces the native failure handler that
+    # would print "*** SIGTERM received ..." with a stack trace. Installed before the "serving" line,
+    # so a client that stops the server as soon as it reads that line is handled.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
-        print(f"serving {model_id!r} on http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
+        print(f"serving {model_id!r} on http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1, "
+              f"metrics at /metrics)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
-        print("llava-jax serve: stopped", file=sys.stderr, flush=True)
+        pass
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
-        server.service.scheduler.close()
         server.server_close()
+    print("llava-jax serve: stopped", file=sys.stderr, flush=True)
     return 0
 
 

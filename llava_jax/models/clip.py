@@ -52,7 +52,7 @@ class VisionEmbeddings(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, attention_impl: str = "auto", rngs: nnx.Rngs):
         d = cfg.hidden_size
         kw = dict(use_bias=True, dtype=dtype, rngs=rngs)
         self.q_proj = L.Dense(d, d, axes=("embed", "heads"), **kw)
@@ -61,19 +61,20 @@ class VisionAttention(nnx.Module):
         self.out_proj = L.Dense(d, d, axes=("heads", "embed"), **kw)
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
+        self.attention_impl = attention_impl
 
     def __call__(self, x):
         n, t, _ = x.shape
         split = lambda y: y.reshape(n, t, self.num_heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = L.dot_product_attention(q, k, v)
+        out = L.dot_product_attention(q, k, v, L.self_attention_mask(None, causal=False, impl=self.attention_impl))
         return self.out_proj(out.reshape(n, t, -1))
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, attention_impl: str = "auto", rngs: nnx.Rngs):
         self.layer_norm1 = L.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = VisionAttention(cfg, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
         self.layer_norm2 = L.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = L.FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
 
@@ -85,13 +86,15 @@ class EncoderLayer(nnx.Module):
 
 
 class CLIPVisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype="float32", remat_policy: str = "none", rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype="float32", remat_policy: str = "none",
+                 attention_impl: str = "auto", rngs: nnx.Rngs):
         dtype = L.resolve_dtype(dtype)
         self.config = cfg
         self.remat_policy = remat_policy
         self.embeddings = VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
         self.pre_layrnorm = L.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.layers = L.create_stacked(lambda r: EncoderLayer(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
+        self.layers = L.create_stacked(lambda r: EncoderLayer(cfg, dtype=dtype, attention_impl=attention_impl, rngs=r),
+                                       cfg.num_layers, rngs)
         self.post_layernorm = L.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     def embed(self, pixel_values):

@@ -71,8 +71,13 @@ class TextConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # The transformers architecture the decoder is exported as: 'llama', or 'mistral' (LLaVA-1.6-Mistral;
+    # without a sliding window a Mistral decoder is exactly a LLaMA one).
+    hf_model_type: str = "llama"
 
     def __post_init__(self):
+        if self.hf_model_type not in ("llama", "mistral"):
+            raise ValueError(f"unsupported decoder model_type {self.hf_model_type!r}; expected 'llama' or 'mistral'")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
@@ -94,6 +99,11 @@ class LlavaConfig:
     pad_token_id: int = 0
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat_policy: str = "nothing_saveable"  # see llava_jax.models.layers.REMAT_POLICIES
+    # 'auto' (splash kernel on TPU, XLA's attention elsewhere) | 'xla' | 'splash'; see models/splash.py
+    attention_impl: str = "auto"
+    # LLaVA-1.6 AnyRes: the (height, width) grids an image may be tiled into (None: one image = one
+    # tile, LLaVA-1/1.5). See llava_jax.data.anyres and llava_jax.models.llava_next.
+    image_grid_pinpoints: Optional[tuple] = None
 
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
@@ -104,6 +114,30 @@ class LlavaConfig:
                 f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}; "
                 f"expected one of {sorted(_FEATURE_STRATEGIES)}")
         object.__setattr__(self, "vision_feature_select_strategy", strategy)
+        if self.attention_impl not in ("auto", "xla", "splash"):
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected 'auto', 'xla' or 'splash'")
+        if self.image_grid_pinpoints is not None:
+            self._check_anyres()
+
+    def _check_anyres(self):
+        tile = self.vision.image_size
+        try:
+            points = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_grid_pinpoints must be a list of [height, width] pairs; "
+                             f"got {self.image_grid_pinpoints!r}") from None
+        bad = [list(p) for p in points if p[0] <= 0 or p[1] <= 0 or p[0] % tile or p[1] % tile]
+        if not points or bad:
+            raise ValueError(f"image_grid_pinpoints {bad or '[]'} do not fit the vision tower: each [height, width] "
+                             f"must be a positive multiple of its image_size {tile}")
+        object.__setattr__(self, "image_grid_pinpoints", points)
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError("AnyRes (image_grid_pinpoints) needs vision_feature_select_strategy 'default': the tile "
+                             "features are reassembled into a grid, which the CLS token has no place in")
+
+    @property
+    def anyres(self) -> bool:
+        return self.image_grid_pinpoints is not None
 
     @property
     def feature_layers(self) -> tuple:
@@ -112,7 +146,9 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Feature tokens per image: the llava-hf processor repeats the placeholder this many times."""
+        """Feature tokens per image: the llava-hf processor repeats the placeholder this many times.
+        With AnyRes: per tile (the base image's share); an image's total depends on its size
+        (llava_jax.data.anyres.num_image_tokens)."""
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
@@ -182,7 +218,18 @@ def text_from_hf(t: dict) -> TextConfig:
         max_position_embeddings=t.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
         bos_token_id=t.get("bos_token_id", 1) if t.get("bos_token_id") is not None else 1,
-        eos_token_id=_first(t.get("eos_token_id", 2)))
+        eos_token_id=_first(t.get("eos_token_id", 2)), hf_model_type=_decoder_type(t))
+
+
+def _decoder_type(t: dict) -> str:
+    kind = t.get("model_type", "llama")
+    if kind not in ("llama", "mistral"):
+        raise ValueError(f"unsupported text_config model_type {kind!r}; expected 'llama' or 'mistral'")
+    window = t.get("sliding_window")
+    if kind == "mistral" and window is not None and window < t.get("max_position_embeddings", 0):
+        raise ValueError(f"text_config has sliding_window={window}: sliding-window attention is not supported "
+                         f"(LLaVA-1.6-Mistral's Mistral-7B-Instruct-v0.2 has none)")
+    return kind
 
 
 def _first(x):
@@ -197,13 +244,14 @@ def text_to_hf(t: TextConfig) -> dict:
         if s.rope_type == "llama3":
             rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                         original_max_position_embeddings=s.original_max_position_embeddings)
-    return dict(model_type="llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+    # Mistral's config has no attention_bias / mlp_bias and a sliding_window (None: full attention).
+    extra = dict(sliding_window=None) if t.hf_model_type == "mistral" else dict(attention_bias=False, mlp_bias=False)
+    return dict(model_type=t.hf_model_type, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
                 head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, rope_parameters=rope,
                 max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
-                bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, hidden_act="silu",
-                attention_bias=False, mlp_bias=False)
+                bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, hidden_act="silu", **extra)
 
 
 def from_hf(d: dict) -> LlavaConfig:
@@ -218,7 +266,15 @@ def from_hf(d: dict) -> LlavaConfig:
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
         vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
         image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-        pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0)
+        pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0,
+        image_grid_pinpoints=_pinpoints_from_hf(d))
+
+
+def _pinpoints_from_hf(d: dict):
+    if d.get("model_type") != "llava_next":
+        return None
+    return tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ((336, 672), (672, 336), (672, 672),
+                                                                     (1008, 336), (336, 1008)))
 
 
 def to_hf(c: LlavaConfig) -> dict:
@@ -227,13 +283,17 @@ def to_hf(c: LlavaConfig) -> dict:
         raise ValueError(f"projector {c.projector_type!r} has no llava-hf equivalent "
                          "(LlavaForConditionalGeneration only has the 2-layer GELU MLP)")
     layer = c.vision_feature_layer
-    return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
-                vision_config=vision_to_hf(c.vision), text_config=text_to_hf(c.text),
-                image_token_index=c.image_token_id, image_seq_length=c.num_image_tokens,
-                projector_hidden_act="gelu", multimodal_projector_bias=True,
-                vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
-                vision_feature_select_strategy=c.vision_feature_select_strategy,
-                pad_token_id=c.pad_token_id, tie_word_embeddings=c.text.tie_word_embeddings)
+    out = dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
+               vision_config=vision_to_hf(c.vision), text_config=text_to_hf(c.text),
+               image_token_index=c.image_token_id, image_seq_length=c.num_image_tokens,
+               projector_hidden_act="gelu", multimodal_projector_bias=True,
+               vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
+               vision_feature_select_strategy=c.vision_feature_select_strategy,
+               pad_token_id=c.pad_token_id, tie_word_embeddings=c.text.tie_word_embeddings)
+    if c.anyres:  # LlavaNextForConditionalGeneration: the same keys plus the grids (and image_newline weights)
+        out.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+                   image_grid_pinpoints=[list(p) for p in c.image_grid_pinpoints])
+    return out
 
 
 def config_from_any(obj: Any) -> LlavaConfig:

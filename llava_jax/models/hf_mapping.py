@@ -101,6 +101,8 @@ def _projector_entries(c: LlavaConfig) -> list:
                       (d_out, d_in), "linear"),
                 Entry(("projector", f"linear_{i}", "bias"), (f"multi_modal_projector.linear_{i}.bias",),
                       (d_out,), None)]
+    if c.anyres:  # LLaVA-1.6's row-end vector: ours sits in the projector, llava-hf's at the top level
+        out.append(Entry(("projector", "image_newline"), ("image_newline",), (d_out,), None))
     return out
 
 

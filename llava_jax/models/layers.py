@@ -5,6 +5,8 @@ onto the mesh; every module computes in the `dtype` it was built with.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
@@ -203,8 +205,55 @@ def attention_mask(q_segment, kv_segment, q_index=None, kv_index=None):
     return mask
 
 
+# model config `attention_impl`: 'auto' is the splash kernel on TPU and XLA's dense attention
+# elsewhere; 'xla' / 'splash' force one (splash off TPU runs the kernel in interpret mode: tests).
+ATTENTION_IMPLS = ("auto", "xla", "splash")
+
+
+def _platform() -> str:
+    """The platform the computation is being built for: the active mesh's devices (an AOT compile
+    for a TPU topology traces on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """'auto' | 'xla' | 'splash' -> 'xla' or 'splash' for the platform being traced for."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {list(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        return "splash" if _platform() == "tpu" else "xla"
+    return impl
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """The self-attention mask as data for a kernel that applies it block by block (splash):
+    token q sees k iff segment[q] == segment[k] != 0, and k <= q when causal. segment_ids (B, S)
+    or None (one segment)."""
+    segment_ids: Optional[jax.Array]
+    causal: bool
+
+
+def self_attention_mask(segment_ids, *, causal: bool, impl: str = "auto"):
+    """The `mask` argument of `dot_product_attention` for self-attention over segment_ids (B, S)
+    (None: every token is real): a dense (B, S, S) boolean mask (or None) for XLA's attention, a
+    `SegmentMask` that routes the call to the splash kernel."""
+    if resolve_attention_impl(impl) == "splash":
+        return SegmentMask(segment_ids, causal)
+    if segment_ids is None:
+        if not causal:
+            return None
+        raise ValueError("a causal mask needs segment_ids")
+    slots = jnp.arange(segment_ids.shape[1]) if causal else None
+    return attention_mask(segment_ids, segment_ids, slots, slots)
+
+
 def dot_product_attention(q, k, v, mask=None):
-    """q (B, S, H, hd); k, v (B, T, KVH, hd) with H a multiple of KVH (GQA); mask (B, S, T) or None.
+    """q (B, S, H, hd); k, v (B, T, KVH, hd) with H a multiple of KVH (GQA); mask (B, S, T), None,
+    or a `SegmentMask` (then the splash kernel computes it, see llava_jax/models/splash.py).
 
     Logits and softmax in float32. Fully masked rows (padding queries) give finite garbage that the
     caller never uses.
@@ -214,6 +263,11 @@ def dot_product_attention(q, k, v, mask=None):
     (S, T) score arrays nor re-derives the softmax gradient through a pass over them, which made
     the autodiff backward of the einsum form ~2x the cost of this one.
     """
+    if isinstance(mask, SegmentMask):
+        from llava_jax.models import splash  # Pallas: imported only when the kernel is used
+
+        return splash.splash_attention(q, k, v, mask.segment_ids, causal=mask.causal,
+                                       interpret=_platform() != "tpu")
     b, s, h, hd = q.shape
     t, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -287,6 +341,21 @@ def build(factory: Callable[[nnx.Rngs], object], rngs: nnx.Rngs):
     return nnx.jit(factory)(rngs)
 
 
+_UNROLL_SCANS = [False]
+
+
+@contextlib.contextmanager
+def unrolled_layer_scans():
+    """Trace layer scans fully unrolled inside this block. For the cost model only
+    (llava_jax/cost_model.py): XLA's cost analysis counts a loop body once, so per-layer costs are
+    read from unrolled 1- and 2-layer compiles; training keeps the rolled scan (one body compiled)."""
+    _UNROLL_SCANS[0] = True
+    try:
+        yield
+    finally:
+        _UNROLL_SCANS[0] = False
+
+
 def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat_policy: str = "none",
                 num_layers: Optional[int] = None):
     """Run `body(layer, carry, x) -> (carry, y)` over stacked layers with jax.lax.scan.
@@ -306,7 +375,7 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat_pol
 
     if remat_policy != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (state, xs), unroll=_UNROLL_SCANS[0])
 
 
 def resolve_dtype(name) -> jnp.dtype:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.models import layers as L
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.config import TextConfig
 
 
@@ -82,13 +83,13 @@ def _heads_major(x):
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, lora=None):
         d, hd = cfg.hidden_size, cfg.head_dim
-        kw = dict(dtype=dtype, rngs=rngs)
-        self.q_proj = L.Dense(d, cfg.num_heads * hd, axes=("embed", "heads"), **kw)
-        self.k_proj = L.Dense(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
-        self.v_proj = L.Dense(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
-        self.o_proj = L.Dense(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        kw = dict(lora=lora, dtype=dtype, rngs=rngs)  # lora: a LoraConfig makes them LoraDense layers
+        self.q_proj = lora_lib.linear("q", d, cfg.num_heads * hd, axes=("embed", "heads"), **kw)
+        self.k_proj = lora_lib.linear("k", d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = lora_lib.linear("v", d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = lora_lib.linear("o", cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
         self.config = cfg
 
     def _project(self, x):
@@ -150,11 +151,12 @@ def _concat_dense(denses, axes) -> L.Dense:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, lora=None):
         self.input_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs, lora=lora)
         self.post_attention_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = L.GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+        self.mlp = (L.GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs) if lora is None else
+                    lora_lib.LoraGatedMLP(cfg.hidden_size, cfg.intermediate_size, lora=lora, dtype=dtype, rngs=rngs))
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         x = L.constrain_act(x)
@@ -165,15 +167,21 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Embeddings, stacked decoder layers, final norm and LM head (absent when tied)."""
+    """Embeddings, stacked decoder layers, final norm and LM head (absent when tied).
 
-    def __init__(self, cfg: TextConfig, *, dtype="float32", remat_policy: str = "none", rngs: nnx.Rngs):
+    lora: a `lora.LoraConfig` builds the decoder projections as LoRA layers over a frozen base."""
+
+    def __init__(self, cfg: TextConfig, *, dtype="float32", remat_policy: str = "none", rngs: nnx.Rngs,
+                 lora=None, attention_impl: str = "auto"):
         dtype = L.resolve_dtype(dtype)
         self.config = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
+        self.attention_impl = attention_impl  # layers.ATTENTION_IMPLS; the KV-cache path is always XLA's
+        self.lora = lora
         self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = L.create_stacked(lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
+        self.layers = L.create_stacked(lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r, lora=lora),
+                                       cfg.num_layers, rngs)
         self.norm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
@@ -196,7 +204,7 @@ class LlamaModel(nnx.Module):
         values = nnx.to_pure_dict(nnx.state(self.layers))
         unstacked = []
         for i in range(cfg.num_layers):
-            layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=self.dtype, rngs=nnx.Rngs(0)))
+            layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=self.dtype, rngs=nnx.Rngs(0), lora=self.lora))
             nnx.update(layer, jax.tree.map(lambda a: a[i], values))
             unstacked.append(layer)
         self.layers = nnx.List(unstacked)
@@ -231,8 +239,7 @@ class LlamaModel(nnx.Module):
         s = x.shape[1]
         x = L.constrain_act(x.astype(self.dtype))
         if cache is None:
-            slots = jnp.arange(s)
-            mask = L.attention_mask(segment_ids, segment_ids, slots, slots)
+            mask = L.self_attention_mask(segment_ids, causal=True, impl=self.attention_impl)
             if self.layers_unstacked:
                 h = x
                 for layer in self.layers:

@@ -40,6 +40,7 @@ def base_config(model: LlavaConfig | None = None) -> ml_collections.ConfigDict:
     c.eval_batches = 16              # held-out batches per evaluation (0 = the whole eval split)
     c.loss_chunk_size = 0            # >0: vocabulary projection + loss over sequence chunks of this size
     c.peak_flops_per_device = 0.0    # for MFU; 0 = from the device kind (unknown kinds log mfu null)
+    c.profile_steps = ""             # "a,b": jax.profiler trace of steps a..b into WORKDIR/profile
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"      # synthetic | json | arrayrecord
@@ -58,6 +59,15 @@ def base_config(model: LlavaConfig | None = None) -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.strict = False            # bad records raise instead of being skipped and counted
     c.data.synthetic_size = 256      # samples in the built-in synthetic dataset
+
+    # LoRA (stage 2): adapters on the LLM's projections over a frozen base; rank 0 = off (full fine-tune).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0              # the update is A @ B * alpha / rank
+    c.lora.dropout = 0.0             # on the adapters' input, training only
+    c.lora.targets = "q,k,v,o,gate,up,down"  # LLM projections that get adapters
+    c.lora.base_dtype = "float32"    # frozen base kernels: float32 | bfloat16 | int8 (per-output-channel scales)
+    c.lora.train_projector = True    # the reference trains the projector fully beside the adapters (optim.projector_lr)
 
     c.tokenizer = ""                 # folder with tokenizer files; "" = from init.base
     c.init = ml_collections.ConfigDict(dict(base="", stage1=""))

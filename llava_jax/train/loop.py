@@ -26,12 +26,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llava_jax import checkpoint, sharding, validate
+from llava_jax import checkpoint, peft_io, sharding, validate
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.config import config_from_any
 from llava_jax.train import flops as flops_lib
 from llava_jax.train import optim
 from llava_jax.train import step as step_lib
 from llava_jax.train.metrics import MetricsWriter
+from llava_jax.train.profile import StepProfiler, parse_profile_steps
 from llava_jax.validate import UserError
 
 log = logging.getLogger("llava_jax.train")
@@ -232,18 +234,23 @@ def to_global_batch(local: dict, mesh) -> dict:
     if missing:
         raise KeyError(f"training batch lacks {missing}; it has {sorted(local)}")
     out = {}
-    for key in step_lib.BATCH_KEYS:
+    for key in step_lib.BATCH_KEYS + (("image_sizes",) if "image_sizes" in local else ()):  # AnyRes layouts
         value = np.asarray(local[key])
         out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
     return out
 
 
-def load_initial_weights(config, state: dict, layout) -> dict:
-    """Overwrite the random init with init.base (any parameters it holds) and init.stage1's projector."""
+def load_initial_weights(config, state: dict, layout, lora=None) -> dict:
+    """Overwrite the random init with init.base (any parameters it holds) and init.stage1's projector.
+
+    With LoRA the base's float32 projection kernels are cast or quantized to lora.base_dtype."""
     full_target = step_lib.merged_params(layout.abstract)
     loaded = {}
     if config.init.base:
-        loaded = checkpoint.restore_params_subset(config.init.base, full_target)
+        target = full_target if lora is None else lora_lib.float32_base_target(full_target)
+        loaded = checkpoint.restore_params_subset(config.init.base, target)
+        if lora is not None:
+            loaded = lora_lib.to_base_dtype(loaded, lora)
         _say(f"loaded {len(jax.tree.leaves(loaded))} parameter arrays from init.base={config.init.base}")
     if config.init.stage1:
         projector = checkpoint.restore_params_subset(config.init.stage1, full_target, only=("projector",))
@@ -252,7 +259,8 @@ def load_initial_weights(config, state: dict, layout) -> dict:
     if not loaded:
         return state
     params, frozen = step_lib.split_params(step_lib._deep_merge(step_lib.merged_params(state), loaded), layout)
-    return dict(state, params=params, frozen=frozen)
+    # Loaded (and quantized) arrays may lie in other shardings than the state's.
+    return jax.device_put(dict(state, params=params, frozen=frozen), layout.shardings)
 
 
 class _StopSignal:
@@ -289,9 +297,11 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
     data_factory = data_factory or default_data_factory
     # Everything that would otherwise fail inside JAX / Grain / Orbax, said with its fix, before any work.
     validate.check_train(config, jax.device_count(), jax.process_count())
+    parse_profile_steps(config.get("profile_steps", ""))  # a bad value fails before anything compiles
     model_config = config_from_any(config.model)
     stage = int(config.stage)
     optim.trainable_roots(stage)  # validates the stage early
+    lora = lora_config(config, model_config, stage)
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.mesh_from_config(config.mesh)
@@ -303,10 +313,12 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                              process_count=jax.process_count())
     total_steps = resolve_total_steps(config, data_iter)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    layout = step_lib.state_layout(model_config, stage, tx, mesh, seed=int(config.seed))
+    layout = step_lib.state_layout(model_config, stage, tx, mesh, seed=int(config.seed), lora=lora)
 
     if is_main:
         checkpoint.write_model_files(workdir, model_config, tokenizer=tokenizer)
+        if lora is not None:  # the checkpoints hold adapters + projector; this names their base
+            peft_io.write_run_file(workdir, lora, config.init.base)
         # What chat / serve / eval need to prompt this checkpoint the way it was trained.
         with open(os.path.join(workdir, "inference.json"), "w") as f:
             json.dump({"template": config.data.template, "image_aspect": config.data.image_aspect}, f)
@@ -320,9 +332,15 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         _say(f"the model is {workdir} (llava-jax chat --ckpt {workdir})")
         return dict(status="finished", step=start, masked_batches=None, last_metrics={}, already_done=True)
     if start is not None:
-        params, opt_state, data_state, meta = ckpt.restore(
-            start, step_lib.merged_params(layout.abstract), layout.abstract["opt_state"])
-        trainable, frozen = step_lib.split_params(params, layout)
+        if lora is None:
+            params, opt_state, data_state, meta = ckpt.restore(
+                start, step_lib.merged_params(layout.abstract), layout.abstract["opt_state"])
+            trainable, frozen = step_lib.split_params(params, layout)
+        else:  # adapters + projector from the checkpoint, the frozen base from init.base again
+            trainable, opt_state, data_state, meta = ckpt.restore(
+                start, layout.abstract["params"], layout.abstract["opt_state"])
+            fresh = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed), lora=lora)
+            frozen = load_initial_weights(config, fresh, layout, lora)["frozen"]
         step_arr = jax.device_put(np.int32(start), layout.shardings["step"])
         state = dict(step=step_arr, params=trainable, frozen=frozen, opt_state=opt_state)
         if data_state is None:
@@ -334,17 +352,19 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         _say(f"resumed from {ckpt.directory} at step {start}")
     else:
         start = 0
-        state = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed))
-        state = load_initial_weights(config, state, layout)
+        state = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed), lora=lora)
+        state = load_initial_weights(config, state, layout, lora)
         masked_batches = 0
 
     spec = step_lib.StepSpec(layout.graphdef, tx, schedule, num_microbatches(config),
-                             int(config.get("loss_chunk_size", 0)))
+                             int(config.get("loss_chunk_size", 0)),
+                             dropout_seed=int(config.seed) if lora is not None and lora.dropout > 0 else None)
     eval_iter_factory = _eval_factory(config, tokenizer, model_config, data_factory)
     writer = MetricsWriter(workdir, total_steps, initial_step=start, enabled=is_main, progress=progress)
     peak = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.peak_flops(jax.devices()[0])
 
     status, step, last = "finished", start, {}
+    profiler = StepProfiler(config.get("profile_steps", ""), workdir)
     pending, timer, timed_steps, step_flops = [], None, 0, None
     with jax.set_mesh(mesh), _StopSignal() as stop:
         train_step = eval_step = None
@@ -356,9 +376,14 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
                     train_step = step_lib.jit_train_step(spec, mesh, layout.shardings, batch_sh)
                     b, s = batch["input_ids"].shape
-                    step_flops = flops_lib.step_flops(model_config, stage, b, s, batch["pixel_values"].shape[1])
+                    # A LoRA step computes the frozen LLM's input gradients but not its weight gradients:
+                    # stage 1's accounting (the adapters' own FLOPs are a rounding error at r << width).
+                    step_flops = flops_lib.step_flops(model_config, 1 if lora is not None else stage, b, s,
+                                                      int(np.prod(batch["pixel_values"].shape[1:-3])))  # x AnyRes tiles
+                profiler.before(step + 1)
                 state, metrics = train_step(state, batch)
                 step += 1
+                profiler.after(step, metrics)
                 pending.append(metrics)
                 if timer is None:  # the first step carries the compilation: time from its end
                     jax.block_until_ready(metrics)
@@ -384,12 +409,13 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                         last, masked_batches = _log(writer, step, pending, timer, timed_steps, step_flops,
                                                     mesh.size, peak, masked_batches)
                         pending, timer, timed_steps = [], time.perf_counter(), 0
-                    _save(ckpt, step, state, data_iter, config, masked_batches)
+                    _save(ckpt, step, state, data_iter, config, masked_batches, lora)
                 if stopping:
                     status = "preempted"
                     _say(f"SIGTERM: saved step {step}; run the same command again to resume")
                     break
         finally:
+            profiler.close()
             ckpt.close()
             writer.close()
     if status == "finished":
@@ -403,9 +429,27 @@ def _say(message: str) -> None:
         print(f"llava-jax train: {message}", file=sys.stderr, flush=True)
 
 
-def _save(ckpt, step, state, data_iter, config, masked_batches):
+def _save(ckpt, step, state, data_iter, config, masked_batches, lora=None):
     meta = dict(stage=int(config.stage), masked_batches=int(masked_batches), config=config.to_json())
-    ckpt.save(step, step_lib.merged_params(state), state["opt_state"], data_iter.get_state(), meta)
+    # A LoRA run saves only what trains (adapters + projector); its base is init.base (lora.json).
+    params = step_lib.merged_params(state) if lora is None else state["params"]
+    ckpt.save(step, params, state["opt_state"], data_iter.get_state(), meta)
+
+
+def lora_config(config, model_config, stage: int):
+    """config.lora as a LoraConfig (None when rank is 0), refused before anything is built when it
+    cannot train: a stage other than 2, no base to adapt, a target or rank that does not fit."""
+    lora = lora_lib.from_config(config.get("lora"))
+    if lora is None:
+        return None
+    if stage != 2:
+        raise validate.ConfigError(f"config.lora.rank={lora.rank} trains adapters on the language model, which "
+                                   f"is stage 2; got config.stage={stage} (set --config.lora.rank=0 for stage 1)")
+    if not config.init.base:
+        raise validate.ConfigError("config.lora needs config.init.base: the pretrained model folder the adapters "
+                                   "train on (its checkpoints hold only adapters and the projector)")
+    lora.check_shapes(model_config.text)
+    return lora
 
 
 def _log(writer, step, pending, timer, timed_steps, step_flops, num_devices, peak, masked_batches):

@@ -25,9 +25,14 @@ def trainable_roots(stage: int) -> tuple:
     return TRAINABLE_ROOTS[stage]
 
 
-def trainable_filter(stage: int) -> Callable:
-    """nnx filter: Params under the stage's trainable roots."""
+def trainable_filter(stage: int, lora=None) -> Callable:
+    """nnx filter: Params under the stage's trainable roots; with a LoraConfig (stage 2), the
+    adapters (and the projector unless lora.train_projector is off) instead of the whole LLM."""
     roots = trainable_roots(stage)
+    if lora is not None:
+        from llava_jax.models.lora import is_trainable
+
+        return is_trainable(lora)
 
     def is_trainable(path, value) -> bool:
         return isinstance(value, nnx.Param) and len(path) > 0 and str(path[0]) in roots
@@ -35,9 +40,9 @@ def trainable_filter(stage: int) -> Callable:
     return is_trainable
 
 
-def split_trainable(state: nnx.State, stage: int):
+def split_trainable(state: nnx.State, stage: int, lora=None):
     """(trainable, frozen) nnx States; frozen holds everything else (vision tower, non-Params, ...)."""
-    return nnx.split_state(state, trainable_filter(stage), ...)
+    return nnx.split_state(state, trainable_filter(stage, lora), ...)
 
 
 def _path_names(path) -> list:

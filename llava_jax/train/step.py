@@ -9,7 +9,7 @@ The train state is a plain dict of pytrees (what the checkpoint saves):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,8 @@ def summed_nll(model, batch, *, loss_chunk: int = 0):
     exist at once.
     """
     hidden = model.hidden_states(batch["input_ids"], batch.get("pixel_values"),
-                                 segment_ids=batch["segment_ids"], positions=batch["positions"])
+                                 segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                 image_sizes=batch.get("image_sizes"))
     targets, mask = shifted_targets(batch["labels"], batch["segment_ids"])
     count = mask.sum(dtype=jnp.int32)
     graphdef, state = nnx.split(model)
@@ -74,6 +75,7 @@ class StepSpec:
     schedule: Callable
     num_microbatches: int = 1
     loss_chunk: int = 0
+    dropout_seed: Optional[int] = None  # LoRA adapter dropout: masks from fold_in(seed, step, microbatch)
 
 
 def _split_microbatches(batch, n: int):
@@ -89,24 +91,32 @@ def _split_microbatches(batch, n: int):
     return jax.tree.map(one, batch)
 
 
-def loss_and_grads(spec: StepSpec, params, frozen, batch, grad_shardings=None):
+def loss_and_grads(spec: StepSpec, params, frozen, batch, grad_shardings=None, step=None):
     """(mean loss over all target tokens of the batch, grads of that mean, target count)."""
     count = count_targets(batch)
     # An all-masked batch gives loss 0 and zero gradients instead of 0/0.
     denom = jnp.maximum(count, 1).astype(jnp.float32)
 
-    def loss_fn(p, mb):
+    def loss_fn(p, mb, index=0):
         model = nnx.merge(spec.graphdef, p, frozen)
-        total, _ = summed_nll(model, mb, loss_chunk=spec.loss_chunk)
+        if spec.dropout_seed is None or step is None:
+            total, _ = summed_nll(model, mb, loss_chunk=spec.loss_chunk)
+        else:
+            from llava_jax.models.lora import dropout_key
+
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(spec.dropout_seed), step), index)
+            with dropout_key(key):
+                total, _ = summed_nll(model, mb, loss_chunk=spec.loss_chunk)
         return total / denom
 
     if spec.num_microbatches <= 1:
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         return loss, grads, count
 
-    def body(carry, mb):
+    def body(carry, inputs):
         loss_acc, grad_acc = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb)
+        index, mb = inputs
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb, index)
         grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
         if grad_shardings is not None:
             grad_acc = jax.lax.with_sharding_constraint(grad_acc, grad_shardings)
@@ -116,12 +126,14 @@ def loss_and_grads(spec: StepSpec, params, frozen, batch, grad_shardings=None):
     if grad_shardings is not None:
         zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                    _split_microbatches(batch, spec.num_microbatches))
+                                    (jnp.arange(spec.num_microbatches),
+                                     _split_microbatches(batch, spec.num_microbatches)))
     return loss, grads, count
 
 
 def train_step(spec: StepSpec, state, batch, grad_shardings=None):
-    loss, grads, count = loss_and_grads(spec, state["params"], state["frozen"], batch, grad_shardings)
+    loss, grads, count = loss_and_grads(spec, state["params"], state["frozen"], batch, grad_shardings,
+                                        step=state["step"])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -164,26 +176,27 @@ class StateLayout:
     shardings: dict
 
 
-def _model_factory(model_config, seed: int):
+def _model_factory(model_config, seed: int, lora=None):
     from llava_jax.models.config import config_from_any
     from llava_jax.models.llava import LlavaModel
 
     cfg = config_from_any(model_config)
-    return lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed))
+    return lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed), lora=lora)
 
 
-def _split_pure(model, stage: int):
+def _split_pure(model, stage: int, lora=None):
     from llava_jax.train.optim import split_trainable
 
     graphdef, state = nnx.split(model)
-    trainable, frozen = split_trainable(state, stage)
+    trainable, frozen = split_trainable(state, stage, lora)
     return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), (trainable, frozen)
 
 
-def state_layout(model_config, stage: int, tx, mesh, seed: int = 0) -> StateLayout:
-    """Abstract train state and its shardings; nothing is allocated."""
-    abstract_model = nnx.eval_shape(_model_factory(model_config, seed))
-    graphdef, params, frozen, (trainable_vars, frozen_vars) = _split_pure(abstract_model, stage)
+def state_layout(model_config, stage: int, tx, mesh, seed: int = 0, lora=None) -> StateLayout:
+    """Abstract train state and its shardings; nothing is allocated. lora: a LoraConfig (the
+    trainable part is then the adapters and the projector)."""
+    abstract_model = nnx.eval_shape(_model_factory(model_config, seed, lora))
+    graphdef, params, frozen, (trainable_vars, frozen_vars) = _split_pure(abstract_model, stage, lora)
     replicated = NamedSharding(mesh, P())
     param_sh = nnx.to_pure_dict(sharding.state_shardings(trainable_vars, mesh))
     frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen_vars, mesh))
@@ -219,12 +232,12 @@ def _mirror_shardings(opt_abstract, params, param_shardings, default):
     return jax.tree_util.tree_map_with_path(one, opt_abstract)
 
 
-def init_state(layout: StateLayout, model_config, stage: int, tx, mesh, seed: int = 0) -> dict:
+def init_state(layout: StateLayout, model_config, stage: int, tx, mesh, seed: int = 0, lora=None) -> dict:
     """Random-init the model and optimizer directly into their shardings (one jit, out_shardings)."""
-    factory = _model_factory(model_config, seed)
+    factory = _model_factory(model_config, seed, lora)
 
     def create():
-        _, params, frozen, _ = _split_pure(factory(), stage)
+        _, params, frozen, _ = _split_pure(factory(), stage, lora)
         return dict(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params))
 
     with jax.set_mesh(mesh):

@@ -1,8 +1,4 @@
-"""Shapes and the two-stage recipe shared by the real-model configs (LLAVA_REFERENCE.md §1, §7).
-
-Config files are loaded by path (ml_collections config_flags, llava_jax.config_files), so they reach
-this module through their own folder rather than through a package import.
-"""
+"""Shapes and the two-stage recipe shared by the real-model configs (LLAVA_REFERENCE.md §1, §7)."""
 from __future__ import annotations
 
 import ml_collections
@@ -103,4 +99,26 @@ def llava_config(version: str, size: str, arg) -> ml_collections.ConfigDict:
     c.init.base = f"checkpoints/{name}-base"  # CLIP + Vicuna converted, projector freshly initialised
     if stage == 2:
         c.init.stage1 = f"workdirs/{name}-stage1"
+    return c
+
+
+# How a LoRA run holds its frozen base (the LoRA configs' argument; default bf16).
+LORA_BASE_DTYPES = {"": "bfloat16", "bf16": "bfloat16", "fp32": "float32", "int8": "int8"}
+
+
+def llava_lora_config(version: str, size: str, arg: str) -> ml_collections.ConfigDict:
+    """Stage 2 with LoRA as the reference's scripts/v1_5/finetune_lora.sh: r=128, alpha=256, dropout
+    0.05 on q/k/v/o/gate/up/down of the LLM, the projector trained fully at lr 2e-5, lr 2e-4."""
+    if arg not in LORA_BASE_DTYPES:
+        raise ValueError(f"unknown config argument {arg!r}; expected one of {sorted(LORA_BASE_DTYPES)} "
+                         "(how the frozen base is held; default bf16)")
+    c = llava_config(version, size, "stage2")
+    c.lora.rank = 128
+    c.lora.alpha = 256.0
+    c.lora.dropout = 0.05
+    c.lora.targets = "q,k,v,o,gate,up,down"
+    c.lora.base_dtype = LORA_BASE_DTYPES[arg]
+    c.lora.train_projector = True
+    c.optim.lr = 2e-4
+    c.optim.projector_lr = 2e-5
     return c

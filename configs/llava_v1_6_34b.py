@@ -1,0 +1,11 @@
+"""LLaVA-1.6 (NeXT) with Nous-Hermes-2-Yi-34B (template chatml_direct): AnyRes over CLIP ViT-L/14-336 tiles, mlp2x_gelu.
+
+Usage: llava-jax info --config configs/llava_v1_6_34b.py
+       llava-jax train --config configs/llava_v1_6_34b.py:stage2 --workdir W   (default stage)
+Weights: python convert/hf_to_orbax.py --hf-llava llava-v1.6-34b-hf --out CKPT
+"""
+from llava_jax.recipes import llava_next
+
+
+def get_config(arg="stage2"):
+    return llava_next.config("34b", arg)
