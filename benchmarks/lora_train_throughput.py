@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from train_throughput import make_batch  # noqa: E402
+from train_throughput import TorchRunner, make_batch  # noqa: E402
 
 
 class OursLora:
@@ -51,33 +51,26 @@ class OursLora:
             return float(metrics["loss"])
 
 
-class PeftLora:
+class PeftLora(TorchRunner):
+    """train_throughput's torch runner with peft's LoraModel around transformers' LLaVA: adapters on the
+    LLM's projections, the projector trained fully (modules_to_save), everything else frozen."""
+
+    LR = 1e-4
+
     def __init__(self, cfg, batch, lora):
+        self.lora = lora
+        super().__init__(cfg, batch, attn="sdpa")
+        self.trainable = sum(p.numel() for p in self.params)
+
+    def wrap(self, model):
         import peft
 
-        from hf_reference import hf_llava, nhwc_to_nchw
         from llava_jax.peft_io import target_regex
 
-        model = hf_llava(cfg, std=0.02)
-        model.set_attn_implementation("sdpa")
-        self.model = peft.get_peft_model(model, peft.LoraConfig(
+        lora = self.lora
+        return peft.get_peft_model(model, peft.LoraConfig(
             r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_regex(lora),
             modules_to_save=["multi_modal_projector"]))
-        self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
-        self.ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
-        self.labels = torch.from_numpy(batch["labels"].astype(np.int64))
-        self.pixels = nhwc_to_nchw(batch["pixel_values"][:, 0])
-
-    def step(self):
-        out = self.model(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return out.loss.item()
 
 
 def main(argv=None) -> int:

@@ -129,19 +129,26 @@ def _head_inputs(shape, hidden_size: int, vocab_size: int):
 class TorchRunner:
     """transformers' LlavaForConditionalGeneration with the vision tower frozen, AdamW on the rest."""
 
+    LR = 1e-5
+
     def __init__(self, cfg, batch: dict, attn: str = "sdpa"):
         from hf_reference import hf_llava, nhwc_to_nchw
 
-        self.model = hf_llava(cfg, std=0.02)
-        self.model.set_attn_implementation(attn)
-        self.model.train()
-        for p in self.model.model.vision_tower.parameters():
+        model = hf_llava(cfg, std=0.02)
+        model.set_attn_implementation(attn)
+        for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
+        self.model = self.wrap(model)
+        self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-5, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.params, lr=self.LR, weight_decay=0.0)
         self.ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
         self.labels = torch.from_numpy(batch["labels"].astype(np.int64))
         self.pixels = nhwc_to_nchw(batch["pixel_values"][:, 0])
+
+    def wrap(self, model):
+        """The module that trains (a subclass puts adapters around `model` here)."""
+        return model
 
     def step(self):
         out = self.model(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)

@@ -106,6 +106,40 @@ def _mesh_sizes(text: str, config) -> tuple:
     return tuple(parts)
 
 
+def apply_overrides(config, args) -> None:
+    """The command-line settings `aot` and `plan` share, onto a loaded config (a command without one of
+    these options leaves the config's value)."""
+    with config.unlocked():
+        if getattr(args, "global_batch", 0):
+            config.global_batch_size = args.global_batch
+        if getattr(args, "max_length", 0):
+            config.max_length = args.max_length
+        if getattr(args, "microbatch", None) is not None:
+            config.microbatch_size = args.microbatch
+        if getattr(args, "remat", ""):
+            config.model.remat_policy = args.remat
+        if getattr(args, "attention", ""):
+            config.model.attention_impl = args.attention
+        if getattr(args, "loss_chunk", None) is not None:
+            config.loss_chunk_size = args.loss_chunk
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
+
+
+def topology_devices(name: str) -> list:
+    """The compile-only devices of a TPU topology name; a one-line UserError when libtpu is missing or
+    does not know the name."""
+    from jax.experimental import topologies
+
+    from llava_jax.validate import UserError
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or a topology name it does not know
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"cannot make the TPU topology {name!r} (names look like v5e:2x4, v4:2x2x2, v5p:4x4x4; "
+                        f"libtpu must be installed: pip install -e '.[tpu]'): {first}") from e
+
+
 def compile_train_step(config, devices):
     """Lower and compile the train step for `devices` from abstract values -> compiled."""
     import jax
@@ -185,39 +219,17 @@ def cost_report(config, devices) -> dict:
 
 def main(argv) -> int:
     args = parse_args(argv)
-    from jax.experimental import topologies
-
     from llava_jax.config_files import load_config
     from llava_jax.models.config import config_from_any
     from llava_jax.train import flops as flops_lib
 
     config = load_config(args.config)
-    with config.unlocked():
-        if args.global_batch:
-            config.global_batch_size = args.global_batch
-        if args.max_length:
-            config.max_length = args.max_length
-        if args.microbatch is not None:
-            config.microbatch_size = args.microbatch
-        if args.remat:
-            config.model.remat_policy = args.remat
-        if args.attention:
-            config.model.attention_impl = args.attention
-        if args.loss_chunk is not None:
-            config.loss_chunk_size = args.loss_chunk
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
+    apply_overrides(config, args)
 
     from llava_jax import validate
     from llava_jax.models import lora as lora_lib
 
-    try:
-        topology = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
-    except Exception as e:  # noqa: BLE001 - libtpu missing or a topology name it does not know
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise validate.UserError(f"cannot make the TPU topology {args.topology!r} (names look like v5e:2x4, "
-                                 f"v4:2x2x2, v5p:4x4x4; libtpu must be installed: pip install -e '.[tpu]'): "
-                                 f"{first}") from e
-    devices = list(topology.devices)
+    devices = topology_devices(args.topology)
     # Same checks as `llava-jax train`, for this topology's device count (data paths live elsewhere).
     validate.check_train(config, len(devices), style="aot", check_paths=False)
     capacity = args.hbm_bytes or hbm_bytes(devices[0])

@@ -120,30 +120,17 @@ def _check(args):
 def main(argv) -> int:
     args = parse_args(argv)
     band = _check(args)
-    from jax.experimental import topologies
-
     from llava_jax import aot, cost_model, validate
     from llava_jax.config_files import load_config
 
     config = load_config(args.config)
+    aot.apply_overrides(config, args)
     with config.unlocked():
-        if args.global_batch:
-            config.global_batch_size = args.global_batch
-        if args.microbatch is not None:
-            config.microbatch_size = args.microbatch
-        if args.attention:
-            config.model.attention_impl = args.attention
         if args.packing != "config":
             config.data.packing = args.packing == "on"
         if args.max_images_per_row:
             config.data.max_images_per_row = args.max_images_per_row
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = aot._mesh_sizes(args.mesh, config)
-    try:
-        devices = list(topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices)
-    except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology name
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise validate.UserError(f"cannot make the TPU topology {args.topology!r} (names look like v5e:8x8, "
-                                 f"v4:4x4x4; libtpu must be installed: pip install -e '.[tpu]'): {first}") from e
+    devices = aot.topology_devices(args.topology)
     validate.check_train(config, len(devices), style="aot", check_paths=False)
     chip = cost_model.Chip.of(devices[0].device_kind)
     roofline = None
