@@ -12,6 +12,7 @@ from flax import nnx
 import hf_reference as R
 from conftest import tiny_llava_config
 from llava_jax.infer import weights as W
+from llava_jax.models import layers as L
 from llava_jax.models.llama import LayerCache, extend_cache
 from llava_jax.models.llava import LlavaModel
 
@@ -136,7 +137,7 @@ def test_decode_step_updates_the_cache_in_place(model, rows):
 
 def test_quantize_int8_round_trip():
     kernel = jax.random.normal(jax.random.key(0), (64, 24)) * jnp.linspace(0.01, 1.0, 24)
-    q, scale = W.quantize_int8(kernel)
+    q, scale = L.quantize_int8(kernel)
     assert q.dtype == jnp.int8 and scale.shape == (24,)
     assert int(jnp.max(jnp.abs(q))) == 127  # each channel uses the full range
     error = jnp.abs(q.astype(jnp.float32) * scale - kernel)

@@ -46,7 +46,8 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.infer.generate import (TRACE_COUNTS, _StopMatcher, _as_int_list, _choose_tokens,
-                                      _next_power_of_two, batch_bucket, filter_width, prompt_bucket)
+                                      _next_power_of_two, _round_up, batch_bucket, filter_width,
+                                      prompt_bucket)
 from llava_jax.models.llama import extend_cache
 
 MIN_CACHE_LENGTH = 128
@@ -105,10 +106,6 @@ class _Slot:
     token: int  # the last chosen token: the next step's input
     position: int  # its RoPE position
     start: int  # the first cache slot of this row's span (prompt bucket + answer so far)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-int(n) // multiple) * multiple
 
 
 def max_prompt_padding(max_context: int) -> int:

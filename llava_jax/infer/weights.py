@@ -57,19 +57,11 @@ class Bf16Dense(nnx.Module):
         return _rows_matmul(x.astype(jnp.bfloat16), self.kernel[...], jnp.float32).astype(self.dtype)
 
 
-def quantize_int8(kernel):
-    """kernel (in, out) float -> (int8 kernel, float32 scale (out,)), symmetric per output channel."""
-    kernel = kernel.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(kernel), axis=0) / 127.0
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8), scale
-
-
 class Int8Dense(nnx.Module):
     """A bias-free Dense with an int8 kernel (per-output-channel scales) and per-row int8 inputs."""
 
     def __init__(self, kernel, axes, dtype):
-        kernel, scale = quantize_int8(kernel)
+        kernel, scale = L.quantize_int8(kernel)
         self.kernel = nnx.Param(kernel, out_sharding=tuple(axes))
         self.scale = nnx.Param(scale, out_sharding=tuple(axes[1:]))
         self.dtype = dtype

@@ -61,6 +61,16 @@ class Dense(nnx.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def quantize_int8(kernel):
+    """(..., in, out) float -> (int8 kernel, float32 scale (..., out)): symmetric per output channel,
+    max-abs / 127 (LoRA's int8 base and the int8 inference weights)."""
+    kernel = jnp.asarray(kernel, jnp.float32)
+    scale = jnp.max(jnp.abs(kernel), axis=-2) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(kernel / scale[..., None, :]), -127, 127).astype(jnp.int8)
+    return q, scale.astype(jnp.float32)
+
+
 class Embed(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
                  dtype=jnp.float32, rngs: nnx.Rngs):

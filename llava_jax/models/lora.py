@@ -120,15 +120,6 @@ def from_config(lora_config) -> Optional[LoraConfig]:
 
 # ----- int8 base ------------------------------------------------------------------------------
 
-def quantize_int8(kernel):
-    """(..., in, out) float -> (int8 kernel, float32 scale (..., out)): per output channel, max-abs / 127."""
-    kernel = jnp.asarray(kernel, jnp.float32)
-    scale = jnp.max(jnp.abs(kernel), axis=-2) / 127.0
-    scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.clip(jnp.round(kernel / scale[..., None, :]), -127, 127).astype(jnp.int8)
-    return q, scale.astype(jnp.float32)
-
-
 def base_kernel(kernel, scale=None, dtype=jnp.float32):
     """The frozen base kernel as `dtype` (dequantized when an int8 scale is given)."""
     w = jnp.asarray(kernel).astype(dtype)
@@ -168,7 +159,7 @@ class LoraDense(nnx.Module):
         kernel = L.normal_init()(rngs.params(), (in_features, out_features), jnp.float32)
         scale = None
         if lora.base_dtype == "int8":
-            kernel, scale = quantize_int8(kernel)
+            kernel, scale = L.quantize_int8(kernel)
         else:
             kernel = kernel.astype(jnp.dtype(lora.base_dtype))
         self.kernel = nnx.Param(kernel, out_sharding=axes)
@@ -265,7 +256,7 @@ def base_params_for(plain: dict, lora: LoraConfig) -> dict:
     for target, (parent, attr) in TARGETS.items():
         kernel = layers[parent][attr]["kernel"]
         if lora.base_dtype == "int8":
-            q, scale = quantize_int8(kernel)
+            q, scale = L.quantize_int8(kernel)
             module = {"kernel": q, SCALE_NAME: scale}
         else:
             module = {"kernel": jnp.asarray(kernel).astype(jnp.dtype(lora.base_dtype))}
@@ -306,7 +297,7 @@ def to_base_dtype(loaded: dict, lora: LoraConfig) -> dict:
         if module is None or "kernel" not in module:
             continue
         if lora.base_dtype == "int8":
-            module["kernel"], module[SCALE_NAME] = jax.jit(quantize_int8)(module["kernel"])
+            module["kernel"], module[SCALE_NAME] = jax.jit(L.quantize_int8)(module["kernel"])
         else:
             module["kernel"] = module["kernel"].astype(jnp.dtype(lora.base_dtype))
     return loaded
