@@ -43,6 +43,11 @@ class UsageError(UserError, ValueError):
     """Command-line options that do not go together, or a required one that is missing."""
 
 
+class BadInput(UserError, ValueError):
+    """An input the model cannot take (an image AnyRes cannot tile, a prompt longer than the context);
+    the message says which one and why."""
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STAGES = (1, 2)
 

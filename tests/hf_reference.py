@@ -1,6 +1,6 @@
 """transformers (PyTorch) reference models built from our LlavaConfig, for parity and converter tests.
 
-`hf_llava / hf_llama / hf_clip` build a random-weight HF model (eager attention, fp32, eval mode);
+`hf_llava / hf_llava_next / hf_llama / hf_clip` build a random-weight HF model (eager attention, fp32, eval mode);
 `canonical_state_dict` gives its tensors under the canonical llava-hf key names (the save format of
 docs/internals.md) and `ours_from_hf` loads them into our module through llava_jax.models.hf_mapping.
 """
@@ -38,15 +38,23 @@ def _randomize(model: torch.nn.Module, seed: int, std: float):
     return model.eval()
 
 
-def hf_llava(config: LlavaConfig, seed: int = 0, std: float = 0.1):
+def _hf_vlm(config: LlavaConfig, config_cls, model_cls, seed: int, std: float):
     d, vision, text = _hf_dicts(config)
     kw = {k: v for k, v in d.items() if k not in ("model_type", "architectures", "vision_config", "text_config")}
-    hf_cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**vision),
-                                      text_config=transformers.LlamaConfig(**text), **kw)
+    hf_cfg = config_cls(vision_config=transformers.CLIPVisionConfig(**vision),
+                        text_config=transformers.LlamaConfig(**text), **kw)
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(hf_cfg)
-    return _randomize(model, seed, std)
+    return _randomize(model_cls(hf_cfg), seed, std)
+
+
+def hf_llava(config: LlavaConfig, seed: int = 0, std: float = 0.1):
+    return _hf_vlm(config, transformers.LlavaConfig, transformers.LlavaForConditionalGeneration, seed, std)
+
+
+def hf_llava_next(config: LlavaConfig, seed: int = 0, std: float = 0.1):
+    """LlavaNextForConditionalGeneration (LLaVA-1.6, AnyRes) for a config with image_grid_pinpoints."""
+    return _hf_vlm(config, transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration, seed, std)
 
 
 def hf_llama(config: LlavaConfig, seed: int = 0, std: float = 0.1):
@@ -66,13 +74,14 @@ def hf_clip(config: LlavaConfig, seed: int = 0, std: float = 0.1):
 
 
 def _canonical_name(model, key: str) -> str:
-    if isinstance(model, transformers.LlavaForConditionalGeneration):
+    if isinstance(model, (transformers.LlavaForConditionalGeneration, transformers.LlavaNextForConditionalGeneration)):
         for old, new in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                          ("model.vision_tower.", "vision_tower."),
-                         ("model.multi_modal_projector.", "multi_modal_projector.")):
+                         ("model.multi_modal_projector.", "multi_modal_projector."),
+                         ("model.image_newline", "image_newline")):
             if key.startswith(old):
                 return new + key[len(old):]
-        raise KeyError(f"unexpected LlavaForConditionalGeneration key {key!r}")
+        raise KeyError(f"unexpected {type(model).__name__} key {key!r}")
     if isinstance(model, transformers.LlamaForCausalLM):
         return ("language_model.model." + key[len("model."):] if key.startswith("model.")
                 else "language_model." + key)
@@ -99,7 +108,7 @@ def ours_from_hf(model, config: LlavaConfig):
     tensors = canonical_state_dict(model)
     # Abstract construction: every parameter is overwritten, so random init would be wasted time.
     abstract = lambda make: nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-    if isinstance(model, transformers.LlavaForConditionalGeneration):
+    if isinstance(model, (transformers.LlavaForConditionalGeneration, transformers.LlavaNextForConditionalGeneration)):
         return hf_mapping.load_into_model(abstract(lambda r: LlavaModel(config, rngs=r)), tensors, config)
     kw = dict(dtype=config.dtype, remat_policy=config.remat_policy)
     if isinstance(model, transformers.LlamaForCausalLM):

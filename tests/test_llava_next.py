@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-import transformers
 from flax import nnx
 
 import hf_reference as R
@@ -30,29 +29,8 @@ def next_config(**overrides):
     return tiny_llava_config(**{"image_grid_pinpoints": PINPOINTS, "vision": VISION, **overrides})
 
 
-def hf_llava_next(cfg, seed):
-    d, vision, text = R._hf_dicts(cfg)
-    kw = {k: v for k, v in d.items() if k not in ("model_type", "architectures", "vision_config", "text_config")}
-    hf_cfg = transformers.LlavaNextConfig(vision_config=transformers.CLIPVisionConfig(**vision),
-                                          text_config=transformers.LlamaConfig(**text), **kw)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return R._randomize(transformers.LlavaNextForConditionalGeneration(hf_cfg), seed, 0.1)
-
-
-def canonical(model) -> dict:
-    out = {}
-    for key, value in model.state_dict().items():
-        for old, new in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                         ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.",
-                                                                    "multi_modal_projector."),
-                         ("model.image_newline", "image_newline")):
-            if key.startswith(old):
-                out[new + key[len(old):]] = value.detach().numpy().copy()
-                break
-        else:
-            raise KeyError(key)
-    return out
+hf_llava_next = R.hf_llava_next
+canonical = R.canonical_state_dict  # the llava-hf names, image_newline included
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,9 @@ def test_skipped_cells_are_only_shell_installs():
             assert not line.strip() or line.lstrip().startswith(("!", "%", "#")), line
 
 
-def test_notebook_runs_on_cpu_with_a_tiny_checkpoint(tiny_hf_folder, tmp_path):
-    import skimage.data
-
-    image_path = str(tmp_path / "rocket.jpg")
-    Image.fromarray(skimage.data.rocket()).resize((80, 120)).save(image_path)
-    overrides = dict(HF_DIR=tiny_hf_folder, REPO_DIR=ROOT, CKPT_DIR=str(tmp_path / "ckpt"), IMAGE_PATH=image_path,
-                     DTYPE="float32", PARAM_DTYPE="float32", MAX_NEW_TOKENS=10)
+def run_notebook(overrides: dict) -> tuple:
+    """Run the code cells but the skipped ones, `overrides` set after the parameters cell ->
+    (the notebook's variables, what it printed)."""
     namespace = {"__name__": "__notebook__"}
     out = io.StringIO()
     seen_parameters = False
@@ -66,7 +62,17 @@ def test_notebook_runs_on_cpu_with_a_tiny_checkpoint(tiny_hf_folder, tmp_path):
             namespace.update(overrides)
             seen_parameters = True
     assert seen_parameters
-    printed = out.getvalue()
+    return namespace, out.getvalue()
+
+
+def test_notebook_runs_on_cpu_with_a_tiny_checkpoint(tiny_hf_folder, tmp_path):
+    import skimage.data
+
+    image_path = str(tmp_path / "rocket.jpg")
+    Image.fromarray(skimage.data.rocket()).resize((80, 120)).save(image_path)
+    overrides = dict(HF_DIR=tiny_hf_folder, REPO_DIR=ROOT, CKPT_DIR=str(tmp_path / "ckpt"), IMAGE_PATH=image_path,
+                     DTYPE="float32", PARAM_DTYPE="float32", MAX_NEW_TOKENS=10)
+    namespace, printed = run_notebook(overrides)
     # The converted folder answers exactly what generate() gives on it, and the answer was streamed.
     answer = namespace["answer"]
     assert answer == expected_answer(overrides["CKPT_DIR"], "What is shown in this image?", Image.open(image_path),

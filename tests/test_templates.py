@@ -334,7 +334,7 @@ def test_chatml_checkpoint_stops_at_im_end(tmp_path):
     streamed = []
     assert cm.reply([("user", "what is the colour", False)], max_new_tokens=8, on_text=streamed.append) == ""
     assert streamed == []
-    ids, _ = cm.encode([("user", "what is the colour", False)])
+    ids = cm.encode([("user", "what is the colour", False)]).input_ids
     tokens, reasons = cm.generator.generate(ids[None], max_new_tokens=8, eos_token_id=cm.eos_ids,
                                             pad_token_id=cm.pad_id, return_finish_reasons=True)
     assert reasons == ["eos"] and tokens[0, 0] == end_id

@@ -1,7 +1,8 @@
 """Batched answers from a checkpoint: one user question (with or without an image) per row.
 
-Prompt building, image preprocessing and generation are the inference package's (ChatModel,
-left_pad, Generator, the slot engine); this only groups rows into batches and decodes each row up
+Prompt building, image preprocessing (LLaVA-1.5's or LLaVA-1.6's AnyRes tiles, with each image's
+own placeholder count) and generation are the inference package's (ChatModel, left_pad, Generator,
+the slot engine); this only groups rows into batches and decodes each row up
 to its first stop id (`chat.eos_ids`: the EOS ids and the template's end-of-turn token, e.g. <|im_end|> for chatml).
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
+
+from llava_jax.validate import BadInput
 
 
 def load_chat_model(ckpt: str, template: Optional[str] = None, image_aspect: Optional[str] = None,
@@ -22,15 +25,23 @@ def load_chat_model(ckpt: str, template: Optional[str] = None, image_aspect: Opt
 def answer_batch(chat, questions: Sequence[str], images: Sequence, *, max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[str]:
     """questions[i] is asked about images[i] (None: text only); greedy by default."""
-    from llava_jax.infer.prompting import left_pad
+    from llava_jax.infer.prompting import check_context, left_pad
 
-    rows, pixels = [], []
+    rows, pixels, sizes = [], [], []
     for text, image in zip(questions, images, strict=True):
-        rows.append(chat.prompts.input_ids([("user", text, image is not None)]))
-        if image is not None:
-            pixels.append(chat.prompts.pixels(image))
+        try:
+            prompt = chat.prompts.encode([("user", text, image is not None)], [] if image is None else [image])
+            check_context(chat.config, prompt.input_ids)
+        except ValueError as e:
+            raise BadInput(f"question {len(rows)}: {e}") from None
+        rows.append(prompt.input_ids)
+        if prompt.pixel_values is not None:
+            pixels.append(prompt.pixel_values)
+            if prompt.image_sizes is not None:
+                sizes.append(prompt.image_sizes)
     input_ids, mask = left_pad(rows, chat.pad_id)
-    tokens = chat.generator.generate(input_ids, np.stack(pixels) if pixels else None, mask,
+    tokens = chat.generator.generate(input_ids, np.concatenate(pixels) if pixels else None, mask,
+                                     image_sizes=np.concatenate(sizes) if sizes else None,
                                      max_new_tokens=max_new_tokens, temperature=temperature,
                                      eos_token_id=chat.eos_ids, pad_token_id=chat.pad_id)
     answers = []
@@ -58,10 +69,13 @@ def answer_all(chat, questions: Sequence[str], images: Sequence, *, batch_size: 
         while len(requests) < len(items) or pending:
             while len(requests) < len(items) and engine.queue_length < batch_size:
                 text, image = items[len(requests)]
-                ids = chat.prompts.input_ids([("user", text, image is not None)])
-                pixels = chat.prompts.pixels(image)[None] if image is not None else None
-                requests.append(engine.submit(Request(ids, pixels, max_tokens=max_new_tokens,
-                                                      temperature=temperature)))
+                try:  # e.g. an image AnyRes cannot use, a prompt longer than the context: say which item
+                    ids, pixels, sizes = chat.prompts.encode([("user", text, image is not None)],
+                                                             [] if image is None else [image])
+                    requests.append(engine.submit(Request(ids, pixels, max_tokens=max_new_tokens,
+                                                          temperature=temperature, image_sizes=sizes)))
+                except ValueError as e:
+                    raise BadInput(f"{desc}: question {len(requests)}: {e}") from None
                 pending.append(requests[-1])
             engine.step()
             for r in [r for r in pending if r.finished]:

@@ -5,6 +5,9 @@
 
 Interactive commands: /reset (new conversation, keeps the image), /image PATH (new conversation
 about another image), /help; end of input (Ctrl-D) exits. Answers stream as they are generated.
+LLaVA-1.6 (AnyRes) checkpoints take images of any aspect ratio (tiled; the prompt grows with the
+image); an image they cannot use, or a conversation longer than the context, is reported as an
+error line (and the interactive session goes on).
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ def _load_image(path: str):
 
 
 def interactive(session: Session, options: dict, stdin, out, err) -> int:
+    from llava_jax.infer.prompting import INPUT_ERRORS
+
     print(COMMANDS_HELP, file=err)
     while True:
         out.write("USER: ")
@@ -90,7 +95,8 @@ def interactive(session: Session, options: dict, stdin, out, err) -> int:
                 continue
             try:
                 image = _load_image(path)
-            except ValueError as e:  # missing or undecodable: say so and keep chatting
+                session.chat_model.prompts.image(image)  # one AnyRes cannot tile fails now, not at the next question
+            except ValueError as e:  # missing, undecodable or unusable: say so and keep chatting
                 print(f"error: {e}", file=err)
                 continue
             session.reset(image, keep_image=False)
@@ -101,12 +107,16 @@ def interactive(session: Session, options: dict, stdin, out, err) -> int:
             continue
         out.write("ASSISTANT: ")
         out.flush()
-        session.ask(line, options, out)
+        try:
+            session.ask(line, options, out)
+        except INPUT_ERRORS as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            out.write("\n")
+            print(f"error: {e}", file=err)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from llava_jax.infer.prompting import load_from_args
+    from llava_jax.infer.prompting import INPUT_ERRORS, load_from_args
 
     image = None
     if args.image:
@@ -118,10 +128,16 @@ def main(argv=None) -> int:
     chat_model = load_from_args(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
-    session = Session(chat_model, image)
-    if args.prompt is not None:
-        session.ask(args.prompt, options, sys.stdout)
-        return 0
+    try:
+        if image is not None:
+            chat_model.prompts.image(image)  # an image the model cannot take: before any question
+        session = Session(chat_model, image)
+        if args.prompt is not None:
+            session.ask(args.prompt, options, sys.stdout)
+            return 0
+    except INPUT_ERRORS as e:
+        print(f"llava-jax chat: error: {e}", file=sys.stderr)
+        return 2
     return interactive(session, options, sys.stdin, sys.stdout, sys.stderr)
 
 

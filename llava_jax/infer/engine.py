@@ -21,7 +21,9 @@ about as many slots as the longest live row needs.
 Compiled shapes (all bounded): decode: one per (cache length, sampling on/off, sampling filter
 width), always `max_batch` rows; prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
 prompt bucket x image-count bucket); insert: (prefill rows, prompt bucket, cache length); rebase:
-one per cache length; grow: one per pair of consecutive cache lengths.
+one per cache length; grow: one per pair of consecutive cache lengths. LLaVA-1.6 (AnyRes) requests
+carry `image_sizes`; `submit` checks them (`generate.prepare_images`) and their layouts enter the
+prefill as data, so image sizes add no compiled shapes.
 
 Greedy answers equal the single-request answers of `Generator.generate` (same prefill buckets,
 same per-row computation); a sampled row draws with its own seed folded with its step number, as
@@ -45,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.infer.generate import (TRACE_COUNTS, _StopMatcher, _as_int_list, _choose_tokens,
-                                      _next_power_of_two, _round_up, batch_bucket, filter_width,
-                                      prompt_bucket)
+from llava_jax.infer.generate import (TRACE_COUNTS, _StopMatcher, _as_int_list, _choose_tokens, _round_up,
+                                      batch_bucket, filter_width, image_tokens_note, pad_images,
+                                      prepare_images, prompt_bucket)
 from llava_jax.models.llama import extend_cache
 
 MIN_CACHE_LENGTH = 128
@@ -78,12 +80,16 @@ class Request:
     stop: Sequence = ()  # strings (need the engine's tokenizer) and/or token-id sequences
     on_event: Optional[Callable] = None
     timeout_s: Optional[float] = None  # from submit to the last token; then it ends with 'timeout'
+    # AnyRes (LLaVA-1.6) models: (n, 2) original (height, width) of each image; pixels are then
+    # (n, P, H, W, 3) tiles (`llava_jax.infer.generate.prepare_images`)
+    image_sizes: Optional[np.ndarray] = None
     # filled by the engine
     tokens: list = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     submitted_at: float = 0.0
     first_token_at: Optional[float] = None
+    _layouts: Optional[np.ndarray] = None  # AnyRes: the checked images' layouts
     _cancelled: bool = False
     _done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -315,19 +321,23 @@ class Engine:
         if ids.size == 0:
             raise ValueError("input_ids is empty")
         request.input_ids = ids
-        if request.pixels is not None:
-            request.pixels = np.asarray(request.pixels, np.float32)
-            if request.pixels.ndim == 3:
-                request.pixels = request.pixels[None]
+        pixels = request.pixels
+        if pixels is not None:
+            pixels = np.asarray(pixels, np.float32)
+            if pixels.ndim == 3 or (self.config.anyres and pixels.ndim == 4):
+                pixels = pixels[None]  # one image
+        sizes = request.image_sizes
+        if sizes is not None and np.ndim(sizes) == 1:
+            sizes = np.asarray(sizes)[None]
         mask = np.ones((1, ids.size), np.int32)
-        self.generator._check_images(ids[None], mask, request.pixels)
+        request.pixels, request._layouts = prepare_images(self.config, ids[None], mask, pixels, sizes)
         if int(request.max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         room = self.capacity(ids.size)
         if request.max_tokens > room:
-            raise ValueError(f"a prompt of {ids.size} tokens leaves room for {room} new tokens in this "
-                             f"engine's cache (max_context {self.max_context}); max_tokens asks for "
-                             f"{request.max_tokens}")
+            raise ValueError(f"a prompt of {ids.size} tokens{image_tokens_note(self.config, ids)} leaves room for "
+                             f"{room} new tokens in this engine's cache (max_context {self.max_context}); "
+                             f"max_tokens asks for {request.max_tokens}")
         if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
         _StopMatcher(request.stop, self.tokenizer)  # raises on a stop string without a tokenizer
@@ -394,12 +404,13 @@ class Engine:
         for i, r in enumerate(requests):
             ids[i, prompt - r.input_ids.size:] = r.input_ids
             mask[i, prompt - r.input_ids.size:] = 1
-        images = [r.pixels for r in requests if r.pixels is not None]
-        pixels = None
-        if images:
-            pixels = np.concatenate(images)
-            extra = _next_power_of_two(len(pixels)) - len(pixels)
-            pixels = np.concatenate([pixels, np.zeros((extra,) + pixels.shape[1:], np.float32)])
+        with_images = [r for r in requests if r.pixels is not None]
+        pixels = layouts = None
+        if with_images:
+            pixels = np.concatenate([r.pixels for r in with_images])
+            if self.config.anyres:
+                layouts = np.concatenate([r._layouts for r in with_images])
+            pixels, layouts = pad_images(pixels, layouts)
 
         def per_row(name, fill, dtype):
             values = [getattr(r, name) for r in requests] + [fill] * (rows - len(requests))
@@ -410,8 +421,9 @@ class Engine:
         sample = bool(np.any(temperature > 0))
         width = filter_width(temperature, top_k, top_p, self.config.text.vocab_size) if sample else 0
         keys = jax.vmap(jax.random.key)(per_row("seed", 0, np.uint32))
-        first, positions, cache = gen._prefill(gen.state, ids, mask, pixels, (temperature, top_k, top_p, keys),
-                                               cache_length=prompt, sample=sample, width=width)
+        first, positions, cache = gen._prefill(gen.state, ids, mask, pixels, layouts,
+                                               (temperature, top_k, top_p, keys), cache_length=prompt,
+                                               sample=sample, width=width)
         return np.asarray(first), np.asarray(positions), cache, prompt
 
     def _cache_length_for(self, needed: int) -> int:

@@ -9,9 +9,11 @@ unstacked model), take the state:
   every row is finished), so Python regains control every few tokens to stream them and to check
   stop strings, without paying a dispatch per token.
 Shapes are bucketed (batch rows, prompt length, image count, cache length) so a new prompt length
-inside a bucket reuses the compiled code. Decode attention reads every slot of the cache, so the
-cache holds the prompt and `cache_growth` new tokens and grows by as many between chunks when the
-answer needs them (`llama.extend_cache`).
+inside a bucket reuses the compiled code. LLaVA-1.6 (AnyRes) images enter as tiles padded to the
+config's static tile count with their per-image layouts (`prepare_images`): layouts are traced data,
+so images of any size share the compiled prefill of their bucket. Decode attention reads every slot
+of the cache, so the cache holds the prompt and `cache_growth` new tokens and grows by as many
+between chunks when the answer needs them (`llama.extend_cache`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax.data import anyres
+from llava_jax.models import llava_next
 from llava_jax.models.llama import extend_cache
 
 # How often each jitted function body was traced (i.e. compiled), by name: tests read it to prove
@@ -168,15 +172,16 @@ def _choose_tokens(logits, sampling, step, sample: bool, width: int = 0):
 
 # ----- the jitted pieces ----------------------------------------------------------------------
 
-def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, sampling, *, cache_length, sample,
+def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, layouts, sampling, *, cache_length, sample,
              width=0):
+    """layouts: AnyRes images' int32 (N, 5) layouts (`prepare_images`), None for LLaVA-1.5."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     batch = input_ids.shape[0]
     cache = model.init_cache(batch, cache_length)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
     hidden, cache = model.hidden_states(input_ids, pixel_values, attention_mask, segment_ids=attention_mask,
-                                        positions=positions, cache=cache)
+                                        positions=positions, cache=cache, image_sizes=layouts)
     # Only the last position is sampled: the vocabulary projection of the others would cost as
     # much as several decoder layers.
     logits = model.logits_from_hidden(hidden[:, -1:])
@@ -252,6 +257,105 @@ class _StopMatcher:
         return False
 
 
+# ----- images ---------------------------------------------------------------------------------
+
+def prepare_images(config, input_ids, attention_mask, pixel_values, image_sizes=None):
+    """Check a batch's images against its placeholders (where attention_mask is 1) before anything
+    runs -> (pixel_values float32 or None, layouts int32 (N, 5) or None).
+
+    LLaVA-1.5: pixel_values (N, H, W, 3) or (B, M, H, W, 3); every image has
+    `config.num_image_tokens` placeholders; image_sizes must be None; layouts is None.
+    AnyRes (`config.anyres`): pixel_values (N, P, H, W, 3), images in placeholder order, each image's
+    base tile and grid tiles then zero tiles (`anyres.preprocess_anyres`); image_sizes (N, 2) their
+    original (height, width). The tile axis is padded with zero tiles to `anyres.max_tiles` (one
+    compiled shape whatever P the caller used); the layouts come from the sizes
+    (`llava_next.layouts_from_sizes`). Each image must have exactly `anyres.num_image_tokens(size)`
+    placeholders, and every row's placeholders must end where an image's run ends. Trailing images
+    no placeholder refers to are allowed (as for LLaVA-1.5)."""
+    placeholders = (input_ids == config.image_token_id) & (attention_mask != 0)
+    if pixel_values is not None:
+        pixel_values = np.asarray(pixel_values, np.float32)
+    if not config.anyres:
+        if image_sizes is not None:
+            raise ValueError("image_sizes is only for AnyRes (LLaVA-1.6) models; this model gives every image "
+                             f"{config.num_image_tokens} placeholders")
+        if pixel_values is not None and pixel_values.ndim not in (4, 5):
+            raise ValueError(f"pixel_values must be (N, H, W, 3) or (B, M, H, W, 3), got shape {pixel_values.shape}")
+        _check_fixed_counts(config, int(placeholders.sum()), pixel_values)
+        return pixel_values, None
+    count = int(placeholders.sum())
+    if pixel_values is None:
+        if count:
+            raise ValueError(f"input_ids hold {count} image placeholder tokens (id {config.image_token_id}) "
+                             f"but no pixel_values were given")
+        return None, None
+    tile, num_tiles = config.vision.image_size, anyres.max_tiles(config.image_grid_pinpoints, config.vision.image_size)
+    if pixel_values.ndim != 5 or pixel_values.shape[2:] != (tile, tile, 3):
+        raise ValueError(f"AnyRes pixel_values must be (N, tiles, {tile}, {tile}, 3) (images in placeholder order, "
+                         f"from llava_jax.data.anyres.preprocess_anyres), got shape {pixel_values.shape}")
+    if image_sizes is None:
+        raise ValueError("AnyRes (LLaVA-1.6) models need image_sizes: the original (height, width) of each image "
+                         "(llava_jax.data.anyres.preprocess_anyres returns it)")
+    sizes = np.asarray(image_sizes)
+    if sizes.shape != (pixel_values.shape[0], 2):
+        raise ValueError(f"image_sizes must be one (height, width) per image, shape ({pixel_values.shape[0]}, 2); "
+                         f"got shape {sizes.shape}")
+    if pixel_values.shape[1] > num_tiles:
+        raise ValueError(f"pixel_values has {pixel_values.shape[1]} tiles per image; this model's grids need at "
+                         f"most {num_tiles} (base + the largest grid)")
+    layouts = llava_next.layouts_from_sizes(sizes, config)
+    side = tile // config.vision.patch_size
+    llava_next.check_layouts(layouts, pixel_values.shape[1], side, count)
+    # The flat layout hands images out row after row: a row must hold whole images.
+    runs = np.concatenate([[0], np.cumsum(llava_next.tokens_per_image(layouts, side))])
+    row_ends = np.cumsum(placeholders.sum(axis=1))
+    split = [r for r, end in enumerate(row_ends) if end not in runs]
+    if split:
+        raise ValueError(f"row {split[0]}'s image placeholders end inside an image's token run (rows end after "
+                         f"{row_ends.tolist()} placeholders, images after {runs[1:].tolist()}); give each image "
+                         f"llava_jax.data.anyres.num_image_tokens(size) placeholders in its own row")
+    if pixel_values.shape[1] < num_tiles:
+        pad = np.zeros((pixel_values.shape[0], num_tiles - pixel_values.shape[1]) + pixel_values.shape[2:], np.float32)
+        pixel_values = np.concatenate([pixel_values, pad], axis=1)
+    return pixel_values, layouts
+
+
+def _check_fixed_counts(config, placeholders: int, pixel_values):
+    per_image = config.num_image_tokens
+    if placeholders % per_image:
+        raise ValueError(f"input_ids hold {placeholders} image placeholder tokens "
+                         f"(id {config.image_token_id}), not a multiple of the "
+                         f"{per_image} tokens per image")
+    needed = placeholders // per_image
+    if pixel_values is None:
+        available = 0
+    elif pixel_values.ndim == 4:
+        available = pixel_values.shape[0]
+    else:
+        available = pixel_values.shape[0] * pixel_values.shape[1]
+    if needed > available:
+        raise ValueError(f"input_ids hold placeholders for {needed} image(s) but pixel_values "
+                         f"has {available}")
+
+
+def pad_images(pixel_values, layouts):
+    """Flat images (N, ...) and their layouts (or None) padded with zero images to a power of two (the
+    image-count bucket); a zero layout is an image no placeholder refers to."""
+    extra = _next_power_of_two(pixel_values.shape[0]) - pixel_values.shape[0]
+    if not extra:
+        return pixel_values, layouts
+    pixel_values = np.concatenate([pixel_values, np.zeros((extra,) + pixel_values.shape[1:], np.float32)])
+    if layouts is not None:
+        layouts = np.concatenate([layouts, np.zeros((extra,) + layouts.shape[1:], layouts.dtype)])
+    return pixel_values, layouts
+
+
+def image_tokens_note(config, input_ids) -> str:
+    """' (N of them image tokens)' for messages about a prompt's length ('' without images)."""
+    count = int(np.sum(np.asarray(input_ids) == config.image_token_id))
+    return f" ({count} of them image tokens)" if count else ""
+
+
 # ----- the generator --------------------------------------------------------------------------
 
 def _as_int_list(x) -> list:
@@ -320,25 +424,7 @@ class Generator:
 
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def _check_images(self, input_ids, attention_mask, pixel_values):
-        per_image = self.config.num_image_tokens
-        placeholders = int(np.sum((input_ids == self.config.image_token_id) & (attention_mask != 0)))
-        if placeholders % per_image:
-            raise ValueError(f"input_ids hold {placeholders} image placeholder tokens "
-                             f"(id {self.config.image_token_id}), not a multiple of the "
-                             f"{per_image} tokens per image")
-        needed = placeholders // per_image
-        if pixel_values is None:
-            available = 0
-        elif pixel_values.ndim == 4:
-            available = pixel_values.shape[0]
-        else:
-            available = pixel_values.shape[0] * pixel_values.shape[1]
-        if needed > available:
-            raise ValueError(f"input_ids hold placeholders for {needed} image(s) but pixel_values "
-                             f"has {available}")
-
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=32,
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None, max_new_tokens=32,
                  temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None, pad_token_id=None,
                  stop=None, tokenizer=None, stream_callback: Optional[Callable] = None,
                  stop_per_row: Optional[Sequence] = None, return_finish_reasons: bool = False):
@@ -354,12 +440,7 @@ class Generator:
         if not np.all(mask[:, -1] == 1):
             raise ValueError("prompts must be left-padded: the last position of every row must be a "
                              "real token (attention_mask[:, -1] == 1)")
-        if pixel_values is not None:
-            pixel_values = np.asarray(pixel_values, np.float32)
-            if pixel_values.ndim not in (4, 5):
-                raise ValueError(f"pixel_values must be (N, H, W, 3) or (B, M, H, W, 3), "
-                                 f"got shape {pixel_values.shape}")
-        self._check_images(input_ids, mask, pixel_values)
+        pixel_values, layouts = prepare_images(self.config, input_ids, mask, pixel_values, image_sizes)
         limits = _per_row(max_new_tokens, rows, np.int32, "max_new_tokens")
         if np.any(limits < 1):
             raise ValueError(f"max_new_tokens must be >= 1, got {limits.tolist()}")
@@ -387,12 +468,11 @@ class Generator:
         full_mask[:rows, padded_len - length:] = mask
         full_mask[rows:, -1] = 1  # filler rows get one real token so their attention is defined
         if pixel_values is not None:
-            if pixel_values.ndim == 4:
-                extra = _next_power_of_two(pixel_values.shape[0]) - pixel_values.shape[0]
+            if pixel_values.ndim == 5 and layouts is None:  # LLaVA-1.5's (B, M, H, W, 3): one slot row per row
+                pixel_values = np.concatenate(
+                    [pixel_values, np.zeros((padded_rows - rows,) + pixel_values.shape[1:], np.float32)])
             else:
-                extra = padded_rows - rows
-            pixel_values = np.concatenate(
-                [pixel_values, np.zeros((extra,) + pixel_values.shape[1:], np.float32)])
+                pixel_values, layouts = pad_images(pixel_values, layouts)
 
         def pad_rows(x, fill):
             return np.concatenate([x, np.full((padded_rows - rows,), fill, x.dtype)])
@@ -427,7 +507,7 @@ class Generator:
                 stream_callback(step_tokens, active)
 
         with self._mesh_context():
-            first, position, cache = self._prefill(self.state, ids, full_mask, pixel_values, sampling,
+            first, position, cache = self._prefill(self.state, ids, full_mask, pixel_values, layouts, sampling,
                                                    cache_length=cache_length, sample=sample, width=ranked)
             record(np.asarray(first)[:rows])
             token, steps_done = first, 1
@@ -455,8 +535,8 @@ class Generator:
         return (out, reasons) if return_finish_reasons else out
 
 
-def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+def generate(model, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              stop: Optional[Sequence[Union[str, Sequence[int]]]] = None, tokenizer=None,
              stream_callback: Optional[Callable] = None, mesh=None) -> np.ndarray:
@@ -465,7 +545,10 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     model: an `LlavaModel` (or a `Generator` already built from one).
     input_ids: int32 (B, S), rows left-padded (attention_mask zeros on the left), image placeholders
       expanded (`num_image_tokens` copies of `image_token_id` per image).
-    pixel_values: float32 (N, H, W, 3), preprocessed, in placeholder order.
+    pixel_values: float32 (N, H, W, 3), preprocessed, in placeholder order; for an AnyRes (LLaVA-1.6)
+      model (N, P, H, W, 3) tiles (`anyres.preprocess_anyres`) with `image_sizes` (N, 2), each image's
+      original (height, width), and `anyres.num_image_tokens(size)` placeholders per image
+      (`prepare_images`).
     temperature 0 is greedy; otherwise sampling from softmax(logits / temperature) restricted to the
       top_k tokens (0 = all) and to the top_p nucleus; the PRNG key comes from `seed` (per row:
       `jax.random.key(seed)`).
@@ -484,9 +567,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     or call `clear_generator_cache()`.
     """
     generator = model if isinstance(model, Generator) else _cached_generator(model, mesh)
-    return generator.generate(input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
+    return generator.generate(input_ids, pixel_values, attention_mask, image_sizes=image_sizes,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
                               tokenizer=tokenizer, stream_callback=stream_callback)
 
 

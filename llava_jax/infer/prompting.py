@@ -1,25 +1,31 @@
 """From chat turns and images to model inputs, and from generated tokens back to text.
 
 Rendering and tokenization are llava_jax.data.conversation's (the training templates), image
-preprocessing is llava_jax.data.image's; this module only wires them together for inference and
-adds incremental detokenization for streaming.
+preprocessing is llava_jax.data.image's (LLaVA-1.5) or llava_jax.data.anyres's (LLaVA-1.6: each image
+becomes tiles padded to the model's static tile count, and its <image> expands to its own
+`anyres.num_image_tokens(size)` placeholders); this module only wires them together for inference
+and adds incremental detokenization for streaming.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from llava_jax.data import conversation, image as image_lib
+from llava_jax.data import anyres, conversation, image as image_lib
+from llava_jax.validate import BadInput
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DEFAULT_IMAGE_ASPECT = "pad"
 # Written next to config.json by training / conversion: {"template": ..., "image_aspect": ...}, or a
 # training config with those keys under "data". Optional: defaults are LLaVA-1.5's.
 CHAT_SETTINGS_FILES = ("inference.json", "train_config.json")
+# What a conversation the user can fix raises (a malformed conversation, an image that cannot be
+# read or that AnyRes cannot tile, a prompt longer than the context): a CLI prints them and goes on.
+INPUT_ERRORS = (BadInput, conversation.BadSample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,29 +69,89 @@ def stop_ids(config, tokenizer, template) -> list:
     return sorted(ids)
 
 
+class Prompt(NamedTuple):
+    """One conversation's model inputs (`generate(ids[None], pixel_values, image_sizes=image_sizes)`)."""
+
+    input_ids: np.ndarray  # (S,) int32, each image's placeholders expanded
+    pixel_values: Optional[np.ndarray]  # (N, H, W, 3); AnyRes (N, P, H, W, 3) tiles; None without images
+    image_sizes: Optional[np.ndarray]  # AnyRes: (N, 2) int32 original (height, width); else None
+
+
 class PromptBuilder:
-    """Turns [(role, text, has_image)] + images into (input_ids, pixel_values) for one row."""
+    """Turns [(role, text, has_image)] + images into a `Prompt` for one row."""
 
     def __init__(self, tokenizer, config, settings: ChatSettings = ChatSettings()):
         self.tokenizer, self.config, self.settings = tokenizer, config, settings
 
-    def pixels(self, image) -> np.ndarray:
-        """A path, bytes, PIL image or uint8 array -> normalized float32 (size, size, 3)."""
-        return image_lib.preprocess(image, self.config.vision.image_size, self.settings.image_aspect)
+    def image(self, image) -> tuple:
+        """A path, bytes, PIL image or uint8 array -> (pixels, (height, width) of the original).
 
-    def input_ids(self, turns: Sequence[tuple]) -> np.ndarray:
+        pixels: normalized float32 (size, size, 3) preprocessed with the settings' image aspect; for an
+        AnyRes model the base image and grid tiles padded with zero tiles to `anyres.max_tiles`
+        (P, size, size, 3) (the image aspect does not apply). An image AnyRes cannot represent (too
+        thin, or absurdly large) raises `anyres.UnusableImage` (a ValueError) naming its size."""
+        cfg = self.config
+        if not cfg.anyres:
+            pixels = image_lib.preprocess(image, cfg.vision.image_size, self.settings.image_aspect)
+            return pixels, None
+        size = cfg.vision.image_size
+        pixels, size_hw = anyres.preprocess_anyres(image, cfg.image_grid_pinpoints, size,
+                                                   anyres.max_tiles(cfg.image_grid_pinpoints, size))
+        self.image_tokens(size_hw)  # a too-thin image fails here, with its size, before any prompt is built
+        return pixels, size_hw
+
+    def image_tokens(self, size_hw=None) -> int:
+        """Placeholders of an image of original size (height, width): LLaVA-1.5's fixed count, or the
+        AnyRes count of that size."""
+        cfg = self.config
+        if not cfg.anyres:
+            return cfg.num_image_tokens
+        v = cfg.vision
+        return anyres.num_image_tokens(size_hw, cfg.image_grid_pinpoints, v.image_size, v.patch_size)
+
+    def input_ids(self, turns: Sequence[tuple], image_sizes: Optional[Sequence] = None) -> np.ndarray:
         """turns: (role 'user'|'assistant', text, has_image), alternating, starting and ending with
-        'user'. A user turn with an image gets the <image> placeholder (placed first, as in training)."""
-        records = []
+        'user'. A user turn with an image gets the <image> placeholder (placed first, as in training).
+        An AnyRes model needs `image_sizes`, the (height, width) of the turns' images in order."""
+        records, with_image = [], 0
         for role, text, has_image in turns:
             if conversation.IMAGE_PLACEHOLDER in text:
                 text = text.replace(conversation.IMAGE_PLACEHOLDER, "")  # only real images get a slot
             if has_image:
                 text = conversation.IMAGE_PLACEHOLDER + "\n" + text
+                with_image += 1
             records.append({"from": "human" if role == "user" else "gpt", "value": text})
+        counts = self.config.num_image_tokens
+        if self.config.anyres and with_image:
+            sizes = [] if image_sizes is None else list(image_sizes)
+            if len(sizes) < with_image:
+                raise ValueError(f"{with_image} turn(s) have an image but {len(sizes)} image size(s) were given: "
+                                 f"an AnyRes model's placeholder count depends on each image's size")
+            counts = [self.image_tokens(size) for size in sizes[:with_image]]
         prompt = conversation.generation_prompt(records, self.settings.template, tokenizer=self.tokenizer)
-        return conversation.encode_prompt(prompt, self.tokenizer, self.config.image_token_id,
-                                          self.config.num_image_tokens, template=self.settings.template)
+        return conversation.encode_prompt(prompt, self.tokenizer, self.config.image_token_id, counts,
+                                          template=self.settings.template)
+
+    def encode(self, turns: Sequence[tuple], images: Sequence = ()) -> Prompt:
+        """The model inputs of one conversation; `images` are those of the turns with an image, in order."""
+        prepared = [self.image(im) for im in images]
+        sizes = np.asarray([s for _, s in prepared], np.int32) if prepared and self.config.anyres else None
+        ids = self.input_ids(turns, sizes)
+        pixels = np.stack([p for p, _ in prepared]) if prepared else None
+        return Prompt(ids, pixels, sizes)
+
+
+def check_context(config, input_ids) -> None:
+    """`validate.BadInput` (a ValueError) unless a prompt fits the model's context
+    (max_position_embeddings), saying how many of its tokens are image tokens (an AnyRes image alone
+    may take ~2,900): never a silent cut."""
+    from llava_jax.infer.generate import image_tokens_note
+
+    context = int(config.text.max_position_embeddings)
+    if len(input_ids) > context:
+        raise BadInput(f"the prompt takes {len(input_ids)} tokens{image_tokens_note(config, input_ids)} but the "
+                       f"model's context is {context} (max_position_embeddings); use fewer or smaller images "
+                       f"or a shorter conversation")
 
 
 def left_pad(rows: Sequence[np.ndarray], pad_id: int):
@@ -204,16 +270,17 @@ class ChatModel:
                               weights_dtype=weights_dtype)
         return cls(generator, tokenizer, settings)
 
-    def encode(self, turns: Sequence[tuple], images: Sequence = ()):
-        """-> (input_ids (S,), pixel_values (N, H, W, 3) or None) for one conversation."""
-        ids = self.prompts.input_ids(turns)
-        pixels = np.stack([self.prompts.pixels(im) for im in images]) if len(images) else None
-        return ids, pixels
+    def encode(self, turns: Sequence[tuple], images: Sequence = ()) -> Prompt:
+        """-> Prompt(input_ids (S,), pixel_values or None, image_sizes or None) for one conversation."""
+        return self.prompts.encode(turns, images)
 
     def reply(self, turns: Sequence[tuple], images: Sequence = (), *, max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, on_text=None) -> str:
-        """The assistant's answer to `turns` (ending with a user turn); `on_text(delta)` streams it."""
-        ids, pixels = self.encode(turns, images)
+        """The assistant's answer to `turns` (ending with a user turn); `on_text(delta)` streams it.
+        A prompt longer than the model's context raises `validate.BadInput` (`check_context`), an image
+        AnyRes cannot use `anyres.UnusableImage` (both ValueErrors; see `INPUT_ERRORS`)."""
+        ids, pixels, sizes = self.encode(turns, images)
+        check_context(self.config, ids)
         stream = TextStream(self.tokenizer)
 
         def callback(tokens, active):
@@ -223,7 +290,7 @@ class ChatModel:
                 if delta and on_text is not None:
                     on_text(delta)
 
-        self.generator.generate(ids[None], pixels, None, max_new_tokens=max_new_tokens,
+        self.generator.generate(ids[None], pixels, None, image_sizes=sizes, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, eos_token_id=self.eos_ids,
                                 pad_token_id=self.pad_id, stream_callback=callback)
         rest = stream.finish()
@@ -261,7 +328,8 @@ def add_model_arguments(parser) -> None:
     """The checkpoint-loading options `llava-jax chat` and `llava-jax serve` share."""
     parser.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
     parser.add_argument("--image-aspect", choices=("pad", "square"),
-                        help="image preprocessing (default: the checkpoint's, else pad)")
+                        help="image preprocessing (default: the checkpoint's, else pad); LLaVA-1.6 (AnyRes) "
+                             "checkpoints tile every image instead")
     parser.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
     parser.add_argument("--param-dtype", help="parameter dtype, e.g. bfloat16 (half the memory of float32)")
     parser.add_argument("--mesh", help="shard the model: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor-parallel)")

@@ -31,7 +31,6 @@ import time
 import uuid
 from typing import Optional
 
-import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -271,21 +270,23 @@ class Service:
                 builder = PromptBuilder(cm.tokenizer, cm.config, dataclasses.replace(cm.settings, template=template))
             else:
                 builder = cm.prompts
-            input_ids = builder.input_ids(turns)
-        except ValueError as e:  # the conversation module's BadSample errors
+            # AnyRes (LLaVA-1.6) images: tiles, and a placeholder count that depends on each image's size
+            input_ids, pixels, sizes = builder.encode(turns, images)
+        except ValueError as e:  # the conversation module's BadSample errors, an image AnyRes cannot use
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        pixels = np.stack([builder.pixels(im) for im in images]) if images else None
         prompt_tokens = len(input_ids)
         room = min(self.context - prompt_tokens, self.scheduler.capacity(prompt_tokens))
         if max_tokens is None:
             max_tokens = min(self.limits.default_max_tokens, room)
         if room < 1 or max_tokens > room:
+            counts = ([builder.image_tokens(s) for s in sizes] if sizes is not None
+                      else [cm.config.num_image_tokens] * len(images))
             raise ApiError(400, f"this model's context is {self.context} tokens; the messages take "
-                                f"{prompt_tokens} tokens (each image counts {cm.config.num_image_tokens}) and "
+                                f"{prompt_tokens} tokens (the images take {counts}) and "
                                 f"{max_key} asks for {max_tokens} more (at most {max(room, 0)} fit)",
                            param="messages", code="context_length_exceeded")
         request = Request(input_ids, pixels, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, stop=stop, timeout_s=self.limits.request_timeout_s)
+                          seed=seed, stop=stop, timeout_s=self.limits.request_timeout_s, image_sizes=sizes)
         return Completion(request, stream, bool(options.get("include_usage")), prompt_tokens, stop)
 
     def submit(self, completion: Completion, forward) -> None:

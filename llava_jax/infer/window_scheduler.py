@@ -108,8 +108,11 @@ class WindowScheduler:
         self.stats["prefills"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         ids, mask = left_pad([job.input_ids for job in jobs], self.pad_id)
-        pixels = [job.pixels for job in jobs if job.pixels is not None]
-        pixels = np.concatenate(pixels) if pixels else None
+        with_images = [job for job in jobs if job.pixels is not None]
+        pixels = np.concatenate([job.pixels for job in with_images]) if with_images else None
+        sizes = None
+        if with_images and self.generator.config.anyres:  # LLaVA-1.6: each image's (height, width)
+            sizes = np.concatenate([np.reshape(job.image_sizes, (-1, 2)) for job in with_images])
 
         def on_step(tokens, active):
             now = time.monotonic()
@@ -124,7 +127,7 @@ class WindowScheduler:
                     job.on_event("token", token)
 
         _, reasons = self.generator.generate(
-            ids, pixels, mask, max_new_tokens=np.array([job.max_tokens for job in jobs]),
+            ids, pixels, mask, image_sizes=sizes, max_new_tokens=np.array([job.max_tokens for job in jobs]),
             temperature=np.array([job.temperature for job in jobs]), top_k=np.array([job.top_k for job in jobs]),
             top_p=np.array([job.top_p for job in jobs]), seed=np.array([job.seed for job in jobs]),
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, stop_per_row=[job.stop for job in jobs],
