@@ -1,4 +1,6 @@
 """Shared pieces of the benchmarks: the benchmark model, machine facts, roofline probes, reporting.
+The helpers the tests use too (the tiny model, the test tokenizer, the transformers reference) come
+from the package: llava_jax.recipes.tiny and llava_jax.testing.
 
 Every benchmark compares figures measured in one process run (ours vs PyTorch, ours vs this
 machine's own matmul peak and memory bandwidth measured moments before), because the machine is
@@ -19,14 +21,9 @@ from typing import Callable, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-for p in (str(REPO), str(REPO / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-IGNORE = -100
 
 
 def bench_config(**overrides):
@@ -46,6 +43,16 @@ def bench_config(**overrides):
                 dtype="float32", remat_policy="nothing_saveable")
     base.update(overrides)
     return LlavaConfig(**base)
+
+
+def model_config(small: bool = False, **overrides):
+    """bench_config, or with `small` (the benchmarks' --small smoke test) the tests' tiny model
+    (llava_jax.recipes.tiny); `overrides` replace fields of either."""
+    if small:
+        from llava_jax.recipes.tiny import tiny_llava_config
+
+        return tiny_llava_config(**overrides)
+    return bench_config(**overrides)
 
 
 # ----- machine ----------------------------------------------------------------------------------

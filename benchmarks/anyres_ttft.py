@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import sys
 
-import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
+import _common as C  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -91,7 +91,7 @@ class Case:
     def torch(self):
         import torch
 
-        from hf_reference import to_torch
+        from llava_jax.testing.hf_reference import to_torch
 
         kw = dict(pixel_values=to_torch(self.pixels.transpose(0, 1, 4, 2, 3)), image_sizes=to_torch(self.sizes))
         with torch.no_grad():
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     if args.torch:
         import torch
 
-        from hf_reference import hf_llava_next, ours_from_hf
+        from llava_jax.testing.hf_reference import hf_llava_next, ours_from_hf
 
         torch.set_num_threads(2)
         hf = hf_llava_next(cfg, std=0.02)

@@ -33,7 +33,7 @@ import _common as C  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-# Words the test tokenizer knows (tests/tokenizers_for_tests.py), so text has realistic token counts.
+# Words the test tokenizer knows (llava_jax/testing/tokenizer.py), so text has realistic token counts.
 _WORDS = ("what is shown in the image describe picture photo colour red green blue yellow black white circle "
           "square left right top bottom center large small how many there are of on with this that the one two "
           "three four object objects scene background near far above below").split()
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from tokenizers_for_tests import IMAGE_TOKEN_ID, llama_tokenizer
+    from llava_jax.testing.tokenizer import IMAGE_TOKEN_ID, llama_tokenizer
 
     info = C.machine_info()
     print(f"machine: {info}")

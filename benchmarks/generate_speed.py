@@ -1,7 +1,7 @@
 """Inference speed: llava_jax.infer.generate vs transformers' generate, same model and weights.
 
 Model: benchmarks/_common.bench_config (the training benchmark's), random weights built by
-transformers and loaded into ours (tests/hf_reference.py), fp32, torch with 2 threads.
+transformers and loaded into ours (llava_jax/testing/hf_reference.py), fp32, torch with 2 threads.
 Prompt: <s> + 256 image tokens + 31 text tokens = 288 tokens, 64 new tokens, greedy, EOS disabled.
 
 Both sides are timed the same way: T1 = wall time of a generate call with max_new_tokens=1 (time to
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
+import _common as C  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,7 +59,7 @@ class Torch:
         self.model = model
 
     def __call__(self, ids, pixels, new_tokens):
-        from hf_reference import nhwc_to_nchw
+        from llava_jax.testing.hf_reference import nhwc_to_nchw
 
         with torch.no_grad():
             out = self.model.generate(input_ids=torch.from_numpy(ids.astype(np.int64)),
@@ -90,7 +90,7 @@ def llm_weight_bytes(model) -> tuple:
 
 
 def max_logit_error(model_a, model_b, ids, pixels) -> float:
-    from hf_reference import jitted
+    from llava_jax.testing.hf_reference import jitted
 
     a = np.asarray(jitted(model_a)(ids, pixels), np.float32)
     b = np.asarray(jitted(model_b)(ids, pixels), np.float32)
@@ -111,17 +111,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from hf_reference import hf_llava, ours_from_hf
+    from llava_jax.testing.hf_reference import hf_llava, ours_from_hf
 
     torch.set_num_threads(2)
     info = C.machine_info()
     print(f"machine: {info}")
-    if args.small:
-        from conftest import tiny_llava_config
-
-        cfg = tiny_llava_config()
-    else:
-        cfg = C.bench_config(remat_policy="none")
+    cfg = C.model_config(args.small, remat_policy="none")
     new = args.new_tokens
     hf = hf_llava(cfg, std=0.02)
     hf.set_attn_implementation(args.attn)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
+import _common as C  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -2,7 +2,7 @@
 same run, same request stream.
 
 Model: the CPU bench model (benchmarks/_common.bench_config: CLIP 4x256 at 224 px, LLaMA 8x512,
-vocabulary 32000, fp32), random weights, saved with the test tokenizer (tests/tokenizers_for_tests);
+vocabulary 32000, fp32), random weights, saved with the test tokenizer (llava_jax/testing/tokenizer.py);
 the vocabulary-projection columns of ids that do not decode to text (specials, EOS, byte pieces, ids
 past the tokenizer) are zeroed so every answer token streams as text and no answer ends early.
 Each scheduler runs in its own `llava-jax serve` subprocess on 127.0.0.1 (--max-batch 8), one after
@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 
-import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
+import _common as C  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
 
 import numpy as np  # noqa: E402
 
@@ -48,7 +48,7 @@ def make_checkpoint(folder: str) -> str:
 
     from llava_jax.checkpoint import save_model
     from llava_jax.models.llava import LlavaModel
-    from tokenizers_for_tests import llama_tokenizer
+    from llava_jax.testing.tokenizer import llama_tokenizer
 
     config = C.bench_config()
     model = LlavaModel(config, rngs=nnx.Rngs(0))

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _common as C  # noqa: E402  (sets sys.path and JAX_PLATFORMS before jax is imported)
+import _common as C  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from llava_jax.data.conversation import IGNORE_INDEX  # noqa: E402
 
 
 def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
@@ -35,7 +37,7 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
     ids[:, 0] = cfg.text.bos_token_id
     ids[:, 1:1 + t] = cfg.image_token_id
     labels = ids.copy()
-    labels[:, :1 + t] = C.IGNORE
+    labels[:, :1 + t] = IGNORE_INDEX
     size = cfg.vision.image_size
     return dict(input_ids=ids, labels=labels, segment_ids=np.ones_like(ids),
                 positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
@@ -132,7 +134,7 @@ class TorchRunner:
     LR = 1e-5
 
     def __init__(self, cfg, batch: dict, attn: str = "sdpa"):
-        from hf_reference import hf_llava, nhwc_to_nchw
+        from llava_jax.testing.hf_reference import hf_llava, nhwc_to_nchw
 
         model = hf_llava(cfg, std=0.02)
         model.set_attn_implementation(attn)
@@ -210,12 +212,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     info = C.machine_info()
     print(f"machine: {info}")
-    if args.small:
-        from conftest import tiny_llava_config
-
-        base = tiny_llava_config(remat_policy="nothing_saveable")
-    else:
-        base = C.bench_config()
+    base = C.model_config(args.small, remat_policy="nothing_saveable")
     batch = make_batch(base, args.batch, args.seq)
     tokens = args.batch * args.seq
 

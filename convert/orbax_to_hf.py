@@ -19,7 +19,9 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository's llava_jax importable
+# Needed when run as a script from a checkout without the package installed: `python convert/X.py`
+# puts convert/, not the checkout, on sys.path.
+if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llava_jax import checkpoint, cli, hf_io, peft_io  # noqa: E402

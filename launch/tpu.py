@@ -131,6 +131,8 @@ def check_train_config(args) -> None:
     """Load the config with the overrides after `--` and run llava_jax.validate on it here, so a
     config that cannot run fails in seconds instead of on every worker after the install. Paths are
     not checked (they live on the workers); the mesh and batch only with --accelerator-type."""
+    # Needed: the launching machine may hold only this checkout (the package is installed on the
+    # workers), and `python launch/tpu.py` puts launch/, not the checkout, on sys.path.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if repo not in sys.path:
         sys.path.insert(0, repo)

@@ -93,17 +93,12 @@ def is_oom(error: Exception) -> bool:
 
 
 def _mesh_sizes(text: str, config) -> tuple:
+    """--mesh (sharding.parse_mesh), else the config's mesh."""
     if not text:
         return int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)
-    from llava_jax.validate import UserError
+    from llava_jax.sharding import parse_mesh
 
-    try:
-        parts = [int(x) for x in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 3:
-        raise UserError(f"--mesh takes data,fsdp,tensor (three integers, one may be -1), got {text!r}")
-    return tuple(parts)
+    return parse_mesh(text)
 
 
 def apply_overrides(config, args) -> None:

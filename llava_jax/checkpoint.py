@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax.keypaths import dotted
 from llava_jax.models.config import LlavaConfig, config_from_any
 from llava_jax.validate import NotAFolder, UserError, missing_folder_message
 
@@ -141,18 +142,14 @@ def stored_shapes(directory: str) -> dict:
 
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(os.path.abspath(directory)).item_metadata.tree
-    return {_dotted(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+    return {dotted(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
             for path, leaf in jax.tree_util.tree_leaves_with_path(meta)}
-
-
-def _dotted(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def check_params_match(directory: str, target: dict) -> None:
     """Raise naming every missing/unexpected parameter and shape mismatch between stored and target."""
     stored = stored_shapes(directory)
-    wanted = {_dotted(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    wanted = {dotted(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
     problems = []
     missing = sorted(set(wanted) - set(stored))
     unexpected = sorted(set(stored) - set(wanted))
@@ -438,7 +435,7 @@ def restore_params_subset(path: str, target: dict, only: Optional[tuple] = None)
     """
     directory = params_location(path)
     stored = stored_shapes(directory)
-    flat = {_dotted(p): (p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    flat = {dotted(p): (p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
     wanted = {}
     for name, (p, leaf) in flat.items():
         if only is not None and name.split(".")[0] not in only:

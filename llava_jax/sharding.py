@@ -51,6 +51,23 @@ def logical_to_spec(names: Sequence[Optional[str]]) -> P:
     return P(*out)
 
 
+def parse_mesh(text: str) -> tuple:
+    """'data,fsdp,tensor' -> (data, fsdp, tensor): the one reader of the `--mesh` option (aot, plan,
+    chat, serve). Each size is a positive integer, or -1 (at most one) for the devices left.
+    Anything else raises UsageError (a UserError: one line on the command line)."""
+    from llava_jax.validate import UsageError
+
+    try:
+        sizes = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise UsageError(f"--mesh takes three sizes data,fsdp,tensor, each a positive integer or -1 (at most "
+                         f"one, for the devices left), e.g. --mesh 1,-1,1 (all fsdp) or 1,1,-1 (all tensor); "
+                         f"got {text!r}")
+    return sizes
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh; one size may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)

@@ -26,6 +26,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+from llava_jax.keypaths import dotted
+
 
 class UserError(Exception):
     """A mistake the user can fix (a path, a flag, a config value); the message says how."""
@@ -141,7 +143,7 @@ def param_axes(model_config) -> list:
         spec = tuple(sharding.variable_spec(var))
         shape = tuple(var.get_value().shape if hasattr(var, "get_value") else var.value.shape)
         spec = spec + (None,) * (len(shape) - len(spec))
-        out.append((".".join(str(p) for p in path), shape, spec))
+        out.append((dotted(path), shape, spec))
     return out
 
 

@@ -94,7 +94,7 @@ def test_bad_inputs_are_named():
 
 def test_encode_expands_each_image_to_its_own_count():
     from llava_jax.data import conversation as conv
-    from tokenizers_for_tests import llama_tokenizer
+    from llava_jax.testing.tokenizer import llama_tokenizer
 
     tok = llama_tokenizer()
     source = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."},

@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-import hf_reference as R
-from infer_checkpoint import tiny_chat_config
 from llava_jax.data import anyres
 from llava_jax.infer import chat
 from llava_jax.infer.engine import Engine, Request
 from llava_jax.infer.generate import TRACE_COUNTS
 from llava_jax.infer.prompting import ChatModel, check_context, left_pad
+from llava_jax.testing import hf_reference as R
+from llava_jax.testing.checkpoints import tiny_chat_config
 from test_engine import run_staggered
 from test_llava_next import PINPOINTS, VISION
 
@@ -55,7 +55,7 @@ def hf():
 @pytest.fixture(scope="module")
 def ckpt(hf, tmp_path_factory):
     from llava_jax.checkpoint import save_model
-    from tokenizers_for_tests import llama_tokenizer
+    from llava_jax.testing.tokenizer import llama_tokenizer
 
     folder = str(tmp_path_factory.mktemp("llava-v1.6-tiny"))
     config = v16_config()
@@ -307,7 +307,7 @@ def test_colab_notebook_runs_on_a_llava_hf_v1_6_folder(hf, tmp_path):
     """The notebook's cells on a llava-hf LlavaNext folder (converted by convert/hf_to_orbax.py inside the
     notebook): the answer equals transformers' on the same prompt, and the generate() cell takes sizes."""
     from test_notebook import ROOT, run_notebook
-    from tokenizers_for_tests import save_llama_tokenizer
+    from llava_jax.testing.tokenizer import save_llama_tokenizer
 
     hf_dir = str(tmp_path / "llava-v1.6-hf")
     hf.save_pretrained(hf_dir)

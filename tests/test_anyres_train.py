@@ -8,22 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from _multidevice import REPO
 from llava_jax import validate
 from llava_jax.data import anyres
 from llava_jax.models.config import TextConfig, VisionConfig, config_from_any
+from llava_jax.recipes import tiny
+from llava_jax.testing.processes import REPO
 from llava_jax.train import loop
 from llava_jax.train.metrics import read_metrics
-
-sys.path.insert(0, str(REPO / "configs"))
-import tiny  # noqa: E402
 
 TILE = 28  # the tiny tower's input size; the v1.6 grids scaled by 28 / 336
 PINPOINTS = tuple((h * TILE // 336, w * TILE // 336) for h, w in anyres.DEFAULT_GRID_PINPOINTS)
@@ -36,7 +33,7 @@ WORDS = ["red", "green", "blue", "round", "striped", "small", "large", "bright"]
 
 def v16_config(data_dir: pathlib.Path, **overrides):
     c = tiny.get_config("stage2")
-    model = dataclasses.replace(tiny.tiny_model(), vision=VISION, image_grid_pinpoints=PINPOINTS,
+    model = dataclasses.replace(tiny.tiny_llava_config(), vision=VISION, image_grid_pinpoints=PINPOINTS,
                               text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
                                               num_heads=4, num_kv_heads=2, max_position_embeddings=512,
                                               rms_norm_eps=1e-6))

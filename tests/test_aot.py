@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from _multidevice import REPO, subprocess_env
+from llava_jax.testing.processes import REPO, subprocess_env
 
 TINY = str(REPO / "configs" / "tiny.py")
 libtpu = pytest.importorskip("libtpu", reason="libtpu is needed for compile-only TPU topologies")

@@ -7,8 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from infer_checkpoint import expected_answer, shared_tiny_checkpoint
 from llava_jax.infer import chat
+from llava_jax.testing.checkpoints import expected_answer, shared_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

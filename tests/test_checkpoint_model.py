@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _multidevice import run_python
-from conftest import tiny_llava_config
-from tokenizers_for_tests import llama_tokenizer
-
 import llava_jax
 from llava_jax import checkpoint
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.processes import run_python
+from llava_jax.testing.tokenizer import llama_tokenizer
 
 CFG = tiny_llava_config()
 

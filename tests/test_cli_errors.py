@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from _multidevice import REPO, free_port, subprocess_env
 from llava_jax import cli, validate
+from llava_jax.testing.processes import REPO, free_port, subprocess_env
 
 TINY = str(REPO / "configs" / "tiny.py")
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
@@ -40,6 +40,19 @@ def test_hub_id_where_a_folder_is_expected(capsys):
     line = _fails(capsys, ["chat", "--ckpt", HUB_ID, "--prompt", "hi"], "chat")
     assert f"no such checkpoint (a llava-jax model folder or training workdir): {HUB_ID}" in line
     assert f"huggingface-cli download {HUB_ID} --local-dir DIR" in line and "pass DIR" in line
+
+
+@pytest.mark.parametrize("command, mesh", [("aot", "2,4"), ("plan", "2,x,1"), ("chat", "1,0,1"), ("serve", "-1,-1,1")])
+def test_a_bad_mesh_is_one_line_from_the_one_parser(capsys, tmp_path, command, mesh):
+    """aot, plan, chat and serve read --mesh through sharding.parse_mesh: the same line for each."""
+    args = {"aot": ["--config", TINY, "--topology", "v5e:2x4"],
+            "plan": ["--config", TINY, "--topology", "v5e:2x4", "--samples", "100", "--avg-tokens", "50",
+                     "--no-compile"],
+            "chat": ["--ckpt", str(tmp_path), "--prompt", "hi"], "serve": ["--ckpt", str(tmp_path)]}[command]
+    line = _fails(capsys, [command, *args, f"--mesh={mesh}"], command)
+    assert line == (f"llava-jax {command}: error: --mesh takes three sizes data,fsdp,tensor, each a positive "
+                    f"integer or -1 (at most one, for the devices left), e.g. --mesh 1,-1,1 (all fsdp) or 1,1,-1 "
+                    f"(all tensor); got {mesh!r}")
 
 
 def _convert_main(script: str):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import hf_reference as R
-from conftest import tiny_llava_config
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
 
 TOL = 1e-4
 

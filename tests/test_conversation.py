@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llava_jax.data import conversation as conv
-from tokenizers_for_tests import IMAGE_TOKEN_ID, llama_tokenizer
+from llava_jax.testing.tokenizer import IMAGE_TOKEN_ID, llama_tokenizer
 
 REF_IMAGE_TOKEN_INDEX = -200
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "

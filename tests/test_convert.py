@@ -15,12 +15,11 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from conftest import tiny_llava_config
-from hf_reference import canonical_state_dict, hf_llava, nhwc_to_nchw, to_torch
-from tokenizers_for_tests import save_llama_tokenizer
-
 from llava_jax import checkpoint, hf_io
 from llava_jax.models import hf_mapping
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.hf_reference import canonical_state_dict, hf_llava, nhwc_to_nchw, to_torch
+from llava_jax.testing.tokenizer import save_llama_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny_llava_config()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fault_server import COMPLETION_TOKENS, GARBAGE, PROMPT_TOKENS, FaultServer, tiny_ckpt, tiny_server  # noqa: F401
 from llava_jax.datagen import cli as datagen_cli
 from llava_jax.datagen.client import ChatClient, RateLimiter, RequestError
 from llava_jax.datagen.context import load_coco_contexts, normalize_box, parse_context
+from llava_jax.testing.fault_server import COMPLETION_TOKENS, GARBAGE, PROMPT_TOKENS, FaultServer
 from llava_jax.datagen.instruct import (ParseError, detail_instruction, generate, offline_backend, parse_reply,
                                         progress_path)
 from llava_jax.datagen.prompts import DETAIL_INSTRUCTIONS, KINDS, build_messages, kind_of_messages

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import hf_reference as R
-from conftest import tiny_llava_config
 from llava_jax.infer import weights as W
 from llava_jax.models import layers as L
 from llava_jax.models.llama import LayerCache, extend_cache
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
 
 gen = importlib.import_module("llava_jax.infer.generate")
 

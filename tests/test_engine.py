@@ -1,16 +1,15 @@
 """The slot engine (llava_jax.infer.engine): requests entering and leaving decode slots between
 steps get exactly the tokens `Generator.generate` gives each of them alone."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import tiny_llava_config
 from llava_jax.infer.engine import Engine, EngineClosed, QueueFull, Request
 from llava_jax.infer.generate import TRACE_COUNTS, Generator
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.processes import run_python
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +138,15 @@ def test_compiled_shapes_stay_bounded(generator):
            {k: v for k, v in before.items() if k.startswith("engine_decode")}
 
 
+# Run with tests/ as the working folder: `python -c` puts it first on sys.path, so the child
+# imports this module for its helpers.
 _SHARDED = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, "tests")
-    import numpy as np
     from flax import nnx
-    from conftest import tiny_llava_config
-    from llava_jax.models.llava import LlavaModel
-    from llava_jax.sharding import make_mesh
-    from llava_jax.infer.generate import Generator
     from llava_jax.infer.engine import Engine
+    from llava_jax.infer.generate import Generator
+    from llava_jax.models.llava import LlavaModel
+    from llava_jax.recipes.tiny import tiny_llava_config
+    from llava_jax.sharding import make_mesh
     import test_engine as T
     config = tiny_llava_config()
     model = LlavaModel(config, rngs=nnx.Rngs(3))
@@ -166,11 +164,8 @@ _SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow  # a subprocess with 4 host devices: ~1 min on the contended 2-core machine
 def test_engine_over_a_mesh_matches_single_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = run_python(_SHARDED, num_devices=4, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert "OK" in out, out[-2000:]
 
 
 def test_eval_answering_through_the_engine_equals_batched_generate():
@@ -178,8 +173,8 @@ def test_eval_answering_through_the_engine_equals_batched_generate():
     import skimage.data
     from PIL import Image
 
-    from infer_checkpoint import shared_tiny_checkpoint
     from llava_jax.eval.answering import answer_all, answer_batch, load_chat_model
+    from llava_jax.testing.checkpoints import shared_tiny_checkpoint
 
     chat = load_chat_model(shared_tiny_checkpoint())
     photo = Image.fromarray(skimage.data.coffee()).resize((40, 30))

@@ -1,7 +1,5 @@
 """generate(): parity with transformers' generate, sampling, stopping, buckets, streaming, sharding."""
 import os
-import subprocess
-import sys
 import importlib
 import textwrap
 
@@ -9,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_llava_config
 from llava_jax.infer.generate import Generator, generate
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.processes import run_python
 
 # The module itself (llava_jax.infer may export the function `generate` under the same name).
 gen = importlib.import_module("llava_jax.infer.generate")
@@ -20,7 +19,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def models():
-    from hf_reference import hf_llava, ours_from_hf
+    from llava_jax.testing.hf_reference import hf_llava, ours_from_hf
 
     config = tiny_llava_config()
     hf = hf_llava(config, seed=0)
@@ -46,7 +45,7 @@ def _left_padded_batch(config, lengths, seed=0):
 
 def _hf_generate(hf, ids, mask, pixels, max_new_tokens, eos, pad):
     from transformers import GenerationConfig
-    from hf_reference import nhwc_to_nchw, to_torch
+    from llava_jax.testing.hf_reference import nhwc_to_nchw, to_torch
 
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     with torch.no_grad():
@@ -243,15 +242,15 @@ def test_input_errors_name_the_problem(models):
         generate(ours, ids, pixels, mask, max_new_tokens=2, stop=["x"])
 
 
+# Run with tests/ as the working folder: `python -c` puts it first on sys.path, so the child
+# imports this module for its helpers.
 _SHARDED = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, "tests")
-    import jax, numpy as np
-    from conftest import tiny_llava_config
+    import numpy as np
     from flax import nnx
-    from llava_jax.models.llava import LlavaModel
-    from llava_jax.sharding import make_mesh
     from llava_jax.infer.generate import Generator
+    from llava_jax.models.llava import LlavaModel
+    from llava_jax.recipes.tiny import tiny_llava_config
+    from llava_jax.sharding import make_mesh
     import test_generate as T
     config = tiny_llava_config()
     model = LlavaModel(config, rngs=nnx.Rngs(3))
@@ -268,8 +267,5 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_over_a_mesh_matches_single_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = run_python(_SHARDED, num_devices=4, timeout=240, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert "OK" in out, out[-2000:]

@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-import hf_reference as R
-from conftest import tiny_llava_config
 from llava_jax import sharding
 from llava_jax.models import hf_mapping
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
 
 
 def _tied():

@@ -71,9 +71,9 @@ def test_console_script(tmp_path):
     assert r.stdout.splitlines()[-1].startswith("total: ")
 
     (tmp_path / "bad.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport tiny\n\n"
+        "from llava_jax.recipes import tiny\n\n"
         "def get_config(arg='stage2'):\n    c = tiny.get_config(arg)\n"
-        "    c.model.projector_type = 'mlp2x_relu'\n    return c\n" % os.path.join(REPO, "configs"))
+        "    c.model.projector_type = 'mlp2x_relu'\n    return c\n")
     r = subprocess.run([script, "info", "--config", str(tmp_path / "bad.py")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown projector type 'mlp2x_relu'" in r.stderr

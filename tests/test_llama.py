@@ -8,10 +8,10 @@ import pytest
 import torch
 from flax import nnx
 
-import hf_reference as R
-from conftest import tiny_llava_config
 from llava_jax.models import layers as L
 from llava_jax.models.config import RopeScaling
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
 
 TOL = 1e-4
 

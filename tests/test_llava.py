@@ -6,10 +6,10 @@ import pytest
 import torch
 from flax import nnx
 
-import hf_reference as R
-from conftest import tiny_llava_config
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.projector import Projector
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
 
 TOL = 1e-4
 S = 16

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fault_server import FaultServer, tiny_ckpt, tiny_server  # noqa: F401  (session fixtures)
 from llava_jax.eval import cli as eval_cli
 from llava_jax.eval.llava_bench import context_text, judge_messages, parse_scores, summarize
+from llava_jax.testing.fault_server import FaultServer
 
 
 @pytest.mark.parametrize("review, scores", [

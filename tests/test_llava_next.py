@@ -10,12 +10,12 @@ import skimage.data
 import torch
 from flax import nnx
 
-import hf_reference as R
-from conftest import tiny_llava_config
 from llava_jax.data import anyres
 from llava_jax.models import hf_mapping, llava_next
 from llava_jax.models.config import VisionConfig
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
 
 TOL = 1e-5  # fp32
 TILE = 28  # the tiny tower's input size: grids are the v1.6 pinpoints scaled by 28 / 336

@@ -12,15 +12,14 @@ import pytest
 import torch
 import transformers
 
-import hf_reference as R
-from test_llava_next import TILE, PINPOINTS, _photos, canonical, next_config
-from tokenizers_for_tests import save_llama_tokenizer
-
 from llava_jax import checkpoint, hf_io
 from llava_jax.config_files import load_config
 from llava_jax.data import anyres
 from llava_jax.info import parameter_counts
 from llava_jax.models.config import config_from_any, from_hf, to_hf
+from llava_jax.testing import hf_reference as R
+from llava_jax.testing.tokenizer import save_llama_tokenizer
+from test_llava_next import TILE, PINPOINTS, _photos, canonical, next_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V16 = ["vicuna_7b", "vicuna_13b", "mistral_7b", "34b"]

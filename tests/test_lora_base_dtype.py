@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _multidevice import make_batch
-from conftest import tiny_llava_config
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.batches import make_batch
 
 
 def _model(cfg, params, lora=None):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_llava_config
 from llava_jax import peft_io
+from llava_jax.recipes.tiny import tiny_llava_config
 
 RANK = 2
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from flax import nnx
 
-import hf_reference as R
-from _multidevice import IGNORE, make_batch
-from conftest import tiny_llava_config
 from llava_jax import peft_io
+from llava_jax.data.conversation import IGNORE_INDEX
 from llava_jax.models import hf_mapping
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing import hf_reference as R
+from llava_jax.testing.batches import make_batch
 from llava_jax.train import optim
 from llava_jax.train import step as S
 
@@ -95,7 +96,7 @@ def test_adapter_gradients_match_torch(pair):
     logits = pm(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
     labels = torch.from_numpy(batch["labels"].astype(np.int64))
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=IGNORE)
+                                             ignore_index=IGNORE_INDEX)
     loss.backward()
     torch_grads = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
 

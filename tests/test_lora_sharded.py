@@ -3,16 +3,16 @@ kernel's input axis, lora_b like its output axis), only adapters + projector car
 and one step (with adapter dropout and an int8 base) gives the one-device loss and parameters."""
 import json
 
-from _multidevice import run_python
+from llava_jax.testing.processes import run_python
 
 SCRIPT = r"""
 import json
 import jax, numpy as np
-from conftest import tiny_llava_config
-from _multidevice import make_batch
 from llava_jax import sharding
 from llava_jax.models.config import TextConfig
 from llava_jax.models.lora import LoraConfig
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.batches import make_batch
 from llava_jax.train import optim, step as S
 from llava_jax.train.defaults import base_config
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _multidevice import REPO, make_batch
 from llava_jax import checkpoint, peft_io, validate
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel
+from llava_jax.testing.batches import make_batch
+from llava_jax.testing.processes import REPO
 from llava_jax.train import loop
 
 TINY = str(REPO / "configs" / "tiny.py")

@@ -8,7 +8,7 @@ import pytest
 from llava_jax.data import conversation as conv
 from test_conversation import (REF_IMAGE_TOKEN_INDEX, conversations,
                                ref_preprocess_multimodal, ref_tokenizer_image_token)
-from tokenizers_for_tests import llama_tokenizer
+from llava_jax.testing.tokenizer import llama_tokenizer
 
 
 # ----- the reference, restated (LLaVA conversation.py get_prompt LLAMA_2 / train.py preprocess_llama_2) ----

@@ -6,9 +6,9 @@ import sys
 import jax
 import numpy as np
 
-from _multidevice import REPO, free_port, subprocess_env
 from llava_jax import checkpoint, sharding
 from llava_jax.models.config import config_from_any
+from llava_jax.testing.processes import REPO, free_port, subprocess_env
 from llava_jax.train import optim
 from llava_jax.train import step as step_lib
 from llava_jax.train.metrics import read_metrics

@@ -12,7 +12,7 @@ import os
 import pytest
 from PIL import Image
 
-from infer_checkpoint import expected_answer, tiny_chat_config
+from llava_jax.testing.checkpoints import expected_answer, tiny_chat_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_tpu_inference.ipynb")
@@ -30,8 +30,8 @@ def code_cells():
 @pytest.fixture(scope="module")
 def tiny_hf_folder(tmp_path_factory):
     """A llava-hf folder as the hub has it: config.json, model.safetensors, tokenizer files."""
-    from hf_reference import hf_llava
-    from tokenizers_for_tests import save_llama_tokenizer
+    from llava_jax.testing.hf_reference import hf_llava
+    from llava_jax.testing.tokenizer import save_llama_tokenizer
 
     folder = str(tmp_path_factory.mktemp("llava-hf-tiny"))
     hf_llava(tiny_chat_config(), seed=1).save_pretrained(folder)

@@ -13,7 +13,7 @@ from PIL import Image
 from llava_jax.data import conversation as conv
 from llava_jax.data import pipeline
 from llava_jax.data.sources import JsonSource, SyntheticSource
-from tokenizers_for_tests import IMAGE_TOKEN_ID, llama_tokenizer
+from llava_jax.testing.tokenizer import IMAGE_TOKEN_ID, llama_tokenizer
 
 IMAGE_SIZE, NUM_IMAGE_TOKENS = 28, 4
 
@@ -251,9 +251,9 @@ def test_packed_loss_equals_unpacked_loss(tok):
     import jax.numpy as jnp
     from flax import nnx
 
-    from conftest import tiny_llava_config
     from llava_jax.models.config import TextConfig
     from llava_jax.models.llava import LlavaModel
+    from llava_jax.recipes.tiny import tiny_llava_config
     from llava_jax.train.step import summed_nll
 
     config = tiny_llava_config(

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from _multidevice import REPO, subprocess_env
 from llava_jax import cost_model, plan
 from llava_jax.config_files import load_config
 from llava_jax.models.config import config_from_any
+from llava_jax.testing.processes import REPO, subprocess_env
 from llava_jax.train import flops
 
 TINY = str(REPO / "configs" / "tiny.py")

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from _multidevice import REPO, subprocess_env
+from llava_jax.testing.processes import REPO, subprocess_env
 from llava_jax.train.profile import parse_profile_steps
 from llava_jax.validate import ConfigError
 

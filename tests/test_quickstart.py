@@ -75,30 +75,32 @@ def test_alignment_targets_spell_each_quadrant_in_words():
     from llava_jax.quickstart import align
 
     scene = S.make_scene(0, 3)
-    words = align.slot_words(scene)
-    vocab = sorted({w for quadrant in words for w in quadrant} | set(S.COLORS) | set(S.SHAPES) | {"no", "object"})
-
-    class WordTokenizer:  # one id per word
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [vocab.index(text.strip())]}
-
-    embedding = np.random.default_rng(0).normal(size=(len(vocab), 8)).astype(np.float32)
-    targets = align.token_targets([scene], WordTokenizer(), embedding, grid=4)
+    vocab = align.vocabulary()
+    words = align.token_words([scene], grid=4)
     for quadrant, position in enumerate(S.POSITIONS):
         obj = next((o for o in scene.objects if o.position == position), None)
         expected = ([obj.color, obj.shape] if obj else ["no", "object"]) + position.split()
         row, col = 2 * (quadrant // 2), 2 * (quadrant % 2)
-        block = [targets[0, r * 4 + c] for r in (row, row + 1) for c in (col, col + 1)]
-        for vec, word in zip(block, expected):
-            np.testing.assert_array_equal(vec, embedding[vocab.index(word)])
-    assert align.nearest_word_accuracy(targets, [scene], WordTokenizer(), embedding) == {"color": 1.0, "shape": 1.0}
+        block = [vocab[words[0, r * 4 + c]] for r in (row, row + 1) for c in (col, col + 1)]
+        assert block == expected
+    table = np.random.default_rng(0).normal(size=(len(vocab), 8)).astype(np.float32)
+    tokens = table[words]
+    assert align.nearest_word_accuracy(tokens, words, table) == {"color": 1.0, "shape": 1.0}
+    # a token moved onto another shape's word is read as that shape
+    first = next(o for o in scene.objects)
+    q = S.POSITIONS.index(first.position)
+    shape_token = (q // 2) * 8 + (q % 2) * 2 + 1
+    other = next(s for s in S.SHAPES if s != first.shape)
+    tokens[0, shape_token] = table[vocab.index(other)]
+    assert align.nearest_word_accuracy(tokens, words, table)["shape"] == pytest.approx(1 - 1 / len(scene.objects))
     with pytest.raises(ValueError, match="4 x 4 patch grid"):
-        align.token_targets([scene], WordTokenizer(), embedding, grid=2)
+        align.token_words([scene], grid=2)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue #14: the default recipe on SmolLM2 reads colours, counts and some positions from "
-                          "the image but stays below the 0.80 target within 10 minutes on 2 cores", strict=False)
+@pytest.mark.xfail(reason="issue #14: the default recipe on SmolLM2 answers 0.77-0.83 of the held-out questions "
+                          "(position and count questions the weakest) in ~10 minutes on 2 cores: not reliably "
+                          ">= 0.80 with every type >= 0.60 within 10 minutes", strict=False)
 def test_quickstart_reaches_the_accuracy_target(tmp_path):
     from llava_jax.quickstart import main
 
@@ -117,6 +119,7 @@ def test_fast_quickstart_end_to_end_and_chat_agrees_with_the_evaluation(tmp_path
     `llava-jax chat` (its own prompt building, one row) exactly what the batched evaluation replied
     to the same question about the same held-out image."""
     from llava_jax.quickstart import main
+    from llava_jax.quickstart.evaluate import MAX_ANSWER_TOKENS
 
     out = tmp_path / "qs"
     assert main(["--fast", "--quiet", "--out", str(out)]) == 0
@@ -133,7 +136,7 @@ def test_fast_quickstart_end_to_end_and_chat_agrees_with_the_evaluation(tmp_path
     asked = next((a for a in answers if a["correct"]), answers[0])
     image = out / "world" / "eval" / f"{asked['scene']}.png"
     cmd = [sys.executable, "-m", "llava_jax.cli", "chat", "--ckpt", str(out / "stage2"), "--image", str(image),
-           "--prompt", asked["question"], "--max-new-tokens", "6"]
+           "--prompt", asked["question"], "--max-new-tokens", str(MAX_ANSWER_TOKENS)]
     reply = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert reply.returncode == 0, reply.stderr[-2000:]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fault_server import tiny_ckpt  # noqa: F401  (session fixture)
 from llava_jax.eval import cli as eval_cli
 from llava_jax.eval.scienceqa import (SINGLE_PRED_PROMPT, parse_prediction, question_text, score,
                                       to_llava_records)

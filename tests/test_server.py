@@ -13,9 +13,9 @@ import openai
 import pytest
 from PIL import Image
 
-from infer_checkpoint import expected_answer, shared_tiny_checkpoint
 from llava_jax.infer.prompting import ChatModel
 from llava_jax.infer.server import Limits, make_server
+from llava_jax.testing.checkpoints import expected_answer, shared_tiny_checkpoint
 
 MODEL = "tiny-llava"
 QUESTION = "What is shown in the image?"

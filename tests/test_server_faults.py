@@ -13,10 +13,10 @@ import threading
 import psutil
 import pytest
 
-from infer_checkpoint import expected_answer, shared_tiny_checkpoint
 from llava_jax.infer.engine import Request
 from llava_jax.infer.prompting import ChatModel
 from llava_jax.infer.server import Limits, make_server
+from llava_jax.testing.checkpoints import expected_answer, shared_tiny_checkpoint
 from test_server import QUESTION, photo, user
 
 MODEL = "tiny-llava"

@@ -4,16 +4,16 @@ All meshes run in ONE subprocess with 8 forced CPU devices (XLA_FLAGS must be se
 """
 import json
 
-from _multidevice import run_python
+from llava_jax.testing.processes import run_python
 
 SCRIPT = r"""
 import json
 import jax, numpy as np
 import llava_jax
-from conftest import tiny_llava_config
-from _multidevice import make_batch
 from llava_jax import sharding
 from llava_jax.models.config import TextConfig
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.batches import make_batch
 from llava_jax.train import optim, step as S
 from llava_jax.train.defaults import base_config
 

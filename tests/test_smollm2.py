@@ -16,11 +16,10 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny_llava_config
-from hf_reference import canonical_state_dict, hf_clip, hf_llama, jitted, nhwc_to_nchw, to_torch
-
 from llava_jax import hf_gguf, hf_io
 from llava_jax.models import hf_mapping
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.hf_reference import canonical_state_dict, hf_clip, hf_llama, jitted, nhwc_to_nchw, to_torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 2  # <|im_end|>

@@ -9,7 +9,7 @@ from PIL import Image
 
 from llava_jax.data import pipeline, sources
 from llava_jax.data.cli import main as data_main
-from tokenizers_for_tests import IMAGE_TOKEN_ID, llama_tokenizer
+from llava_jax.testing.tokenizer import IMAGE_TOKEN_ID, llama_tokenizer
 
 
 def _write_dataset(tmp_path, n=7):

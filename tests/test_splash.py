@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _multidevice import REPO, make_batch, run_python, subprocess_env
-from conftest import tiny_llava_config
 from llava_jax.models import layers as L
 from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.batches import make_batch
+from llava_jax.testing.processes import REPO, run_python, subprocess_env
 
 
 def _qkv(b, s, h, kvh, hd, dtype, seed=0):

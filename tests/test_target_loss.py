@@ -4,13 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import tiny_llava_config
-from llava_jax.models.llava import LlavaModel
+from llava_jax.data.conversation import IGNORE_INDEX
 from llava_jax.models.config import TextConfig
+from llava_jax.models.llava import LlavaModel
+from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.train import step as S
 from llava_jax.train import target_loss as T
-
-IGNORE = S.IGNORE
 
 
 def test_bucket_sizes_and_choice():
@@ -39,7 +38,7 @@ def _batch(cfg, length):
     """Rows whose targets differ in number and place: a short answer, a long one, none, a packed row."""
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.image_token_id, size=(4, length)).astype(np.int32)
-    labels = np.full_like(ids, IGNORE)
+    labels = np.full_like(ids, IGNORE_INDEX)
     labels[0, 30:34] = ids[0, 30:34]
     labels[1, 3:] = ids[1, 3:]
     labels[3, 5:12] = ids[3, 5:12]
@@ -81,7 +80,7 @@ def test_target_loss_and_gradients_equal_the_full_sequence_loss():
         cfg, graphdef, params, rest = models[tied]
         batch = _batch(cfg, 40)
         if which == "few":
-            batch["labels"] = np.where(np.arange(4)[:, None] == 1, IGNORE, batch["labels"])
+            batch["labels"] = np.where(np.arange(4)[:, None] == 1, IGNORE_INDEX, batch["labels"])
         want_loss, want_grads = jax.jit(jax.value_and_grad(
             lambda p: _full_loss(nnx.merge(graphdef, p, rest), batch)))(params)
         ours = lambda p: S.summed_nll(nnx.merge(graphdef, p, rest), batch, loss_chunk=chunk)[0]  # noqa: E731

@@ -15,7 +15,7 @@ import pytest
 
 from llava_jax.data import conversation as conv
 from test_conversation import conversations, target_runs
-from tokenizers_for_tests import llama_tokenizer
+from llava_jax.testing.tokenizer import llama_tokenizer
 
 IM_END = "<|im_end|>"
 SMOL_TEMPLATE = (
@@ -304,12 +304,12 @@ def test_chatml_checkpoint_stops_at_im_end(tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from conftest import tiny_llava_config
     from llava_jax.checkpoint import save_model
     from llava_jax.eval.answering import answer_batch
     from llava_jax.infer.prompting import ChatModel, ChatSettings, PromptBuilder
     from llava_jax.models.config import TextConfig
     from llava_jax.models.llava import LlavaModel
+    from llava_jax.recipes.tiny import tiny_llava_config
 
     tok = bpe_tokenizer(eos="<|endoftext|>")  # a base model's EOS, as Qwen2.5's base tokenizer
     end_id, eos_id = tok.convert_tokens_to_ids(IM_END), tok.eos_token_id
@@ -350,9 +350,9 @@ def test_chatml_checkpoint_stops_at_im_end(tmp_path):
 def test_chat_cli_refuses_a_template_the_tokenizer_cannot_end(tmp_path, capsys):
     """`llava-jax chat --template chatml` on a LLaMA-tokenizer checkpoint: one line, exit status 2,
     before any weights are loaded (this folder has none)."""
-    from infer_checkpoint import tiny_chat_config
     from llava_jax import cli
     from llava_jax.checkpoint import write_model_files
+    from llava_jax.testing.checkpoints import tiny_chat_config
 
     write_model_files(str(tmp_path), tiny_chat_config(), tokenizer=llama_tokenizer())
     rc = cli.main(["chat", "--ckpt", str(tmp_path), "--template", "chatml", "--prompt", "hi"])

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from _multidevice import REPO, subprocess_env
 from llava_jax import checkpoint, validate
+from llava_jax.testing.processes import REPO, subprocess_env
 from llava_jax.train import loop
 from llava_jax.train.metrics import read_metrics
 

@@ -6,9 +6,10 @@ import optax
 import pytest
 from flax import nnx
 
-from _multidevice import IGNORE, make_batch
-from conftest import tiny_llava_config
 from llava_jax import sharding
+from llava_jax.data.conversation import IGNORE_INDEX
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.batches import make_batch
 from llava_jax.train import optim
 from llava_jax.train import step as S
 from llava_jax.train.defaults import base_config
@@ -45,14 +46,14 @@ def _equal_trees(a, b):
 
 
 def test_shifted_targets_mask_ignore_padding_and_segment_changes():
-    labels = jnp.array([[IGNORE, 5, 6, IGNORE, 8, 9, 7, 0]])
+    labels = jnp.array([[IGNORE_INDEX, 5, 6, IGNORE_INDEX, 8, 9, 7, 0]])
     seg = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]])
     targets, mask = S.shifted_targets(labels, seg)
     # predicting position t -> label t+1; label 8 (first real target of segment 2) is predicted by
     # a segment-2 token; the label at position 6 is padding (segment 0) and never counts.
     np.testing.assert_array_equal(mask[0], [True, True, False, True, True, False, False])
     np.testing.assert_array_equal(targets[0][mask[0]], [5, 6, 8, 9])
-    # a target whose predicting token is in another segment is masked even without IGNORE
+    # a target whose predicting token is in another segment is masked even without IGNORE_INDEX
     _, mask2 = S.shifted_targets(jnp.array([[1, 2, 3, 4]]), jnp.array([[1, 1, 2, 2]]))
     np.testing.assert_array_equal(mask2[0], [True, False, True])
 
@@ -131,7 +132,7 @@ def test_stage2_step_loss_accumulation_and_frozen_vision():
     nll, per_row = [], []
     for b in range(labels.shape[0]):
         row = [-logp[b, t, labels[b, t + 1]] for t in range(SEQ - 1)
-               if labels[b, t + 1] != IGNORE and seg[b, t + 1] == seg[b, t] != 0]
+               if labels[b, t + 1] != IGNORE_INDEX and seg[b, t + 1] == seg[b, t] != 0]
         nll += row
         per_row.append(np.mean(row))
     expected = float(np.mean(nll))

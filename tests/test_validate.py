@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from _multidevice import REPO
 from llava_jax import validate
 from llava_jax.config_files import load_config
+from llava_jax.testing.processes import REPO
 
 TINY = str(REPO / "configs" / "tiny.py")
 

@@ -9,9 +9,9 @@ import threading
 import pytest
 from PIL import Image
 
-from infer_checkpoint import expected_answer, shared_tiny_checkpoint
 from llava_jax.infer.prompting import ChatModel
 from llava_jax.infer.server import make_server
+from llava_jax.testing.checkpoints import expected_answer, shared_tiny_checkpoint
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 

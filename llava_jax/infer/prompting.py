@@ -313,15 +313,9 @@ def mesh_from_arg(arg: Optional[str]):
     """'--mesh data,fsdp,tensor' (one size may be -1) -> a Mesh; None/'' -> None (one device)."""
     if not arg:
         return None
-    from llava_jax.sharding import make_mesh
+    from llava_jax.sharding import make_mesh, parse_mesh
 
-    try:
-        sizes = [int(x) for x in arg.split(",")]
-    except ValueError:
-        sizes = []
-    if len(sizes) != 3:
-        raise ValueError(f"--mesh takes three sizes data,fsdp,tensor (e.g. 1,1,-1), got {arg!r}")
-    return make_mesh(*sizes)
+    return make_mesh(*parse_mesh(arg))
 
 
 def add_model_arguments(parser) -> None:

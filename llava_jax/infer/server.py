@@ -512,6 +512,7 @@ class Server:
         self.server_address = self.socket.getsockname()
         self.verbose = verbose
         self._uvicorn = None
+        self._stop_requested = False
         self._stopped = threading.Event()
 
     def serve_forever(self, poll_interval: Optional[float] = None):
@@ -519,15 +520,23 @@ class Server:
                                 access_log=self.verbose, timeout_graceful_shutdown=5,
                                 timeout_keep_alive=self.service.limits.keep_alive_s)
         self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.should_exit = self._stop_requested   # a stop asked for before uvicorn existed
         self._stopped.clear()
         try:
             self._uvicorn.run(sockets=[self.socket])
         finally:
             self._stopped.set()
 
-    def shutdown(self, timeout: float = 30.0):
+    def request_stop(self) -> None:
+        """Ask serve_forever to return (graceful: running requests finish); safe from a signal
+        handler and at any time, also before serve_forever starts."""
+        self._stop_requested = True
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
+
+    def shutdown(self, timeout: float = 30.0):
+        if self._uvicorn is not None:
+            self.request_stop()
             self._stopped.wait(timeout)
 
     def server_close(self):
@@ -584,12 +593,14 @@ def main(argv=None) -> int:
                          batch_window_s=args.batch_window_ms / 1000, scheduler=args.scheduler)
     server.verbose = args.verbose
     host, port = server.server_address[:2]
-    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: uvicorn shuts down gracefully, then
-    # raises the signal again for this handler, which also replaces the native failure handler that
-    # would print "*** SIGTERM received ..." with a stack trace. Installed before the "serving" line,
-    # so a client that stops the server as soon as it reads that line is handled.
+    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C. While uvicorn runs it catches the
+    # signal itself (graceful shutdown) and raises it again afterwards for this handler; before that
+    # (a client that stops the server as soon as it reads the "serving" line) this handler asks the
+    # server to stop. It sets a flag rather than raising: an exception raised from a signal handler
+    # can land inside a garbage-collection callback, where Python prints and drops it. It also
+    # replaces the native failure handler that would print "*** SIGTERM received ..." with a trace.
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop()) if in_main else None
     try:
         print(f"serving {model_id!r} on http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1, "
               f"metrics at /metrics)", flush=True)
@@ -603,9 +614,6 @@ def main(argv=None) -> int:
     print("llava-jax serve: stopped", file=sys.stderr, flush=True)
     return 0
 
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

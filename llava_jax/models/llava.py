@@ -48,19 +48,21 @@ class LlavaModel(nnx.Module):
             self.projector.image_newline = L.param(rngs, L.normal_init(d ** -0.5), (d,), ("embed",))
 
     # ----- vision -------------------------------------------------------------------------------
-    def vision_features(self, pixel_values):
+    def vision_features(self, pixel_values, frozen: bool = True):
         """(N, H, W, 3) normalized pixels -> the tower features the projector reads (N, T, D_vision).
 
-        The vision tower is always frozen in LLaVA, so no gradient flows into it."""
+        The vision tower is frozen in LLaVA's training, so no gradient flows into it; `frozen=False`
+        is for the one recipe that trains it (the quickstart's stage 1, llava_jax.quickstart.align)."""
         cfg = self.config
         selected = self.vision_tower.select_hidden_states(pixel_values, cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default":
             selected = tuple(h[:, 1:] for h in selected)
-        return jax.lax.stop_gradient(jnp.concatenate(selected, axis=-1))
+        features = jnp.concatenate(selected, axis=-1)
+        return jax.lax.stop_gradient(features) if frozen else features
 
-    def image_features(self, pixel_values):
+    def image_features(self, pixel_values, frozen: bool = True):
         """(N, H, W, 3) normalized pixels -> projected features (N, T, D_text), T = num_image_tokens."""
-        return self.projector(self.vision_features(pixel_values))
+        return self.projector(self.vision_features(pixel_values, frozen))
 
     def _splice_images(self, input_ids, embeds, pixel_values, image_sizes=None):
         """Replace each placeholder's embedding by the next image feature token (see internals.md)."""

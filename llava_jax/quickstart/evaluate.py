@@ -16,6 +16,8 @@ from llava_jax.datagen.prompts import DETAIL_INSTRUCTIONS
 from llava_jax.eval.answering import answer_all, load_chat_model
 
 DESCRIBE = DETAIL_INSTRUCTIONS[0]
+# Every answer of this world is at most two words ("bottom right" + <|im_end|> is 3 SmolLM2 tokens).
+MAX_ANSWER_TOKENS = 5
 
 
 def chance_by_type() -> dict:
@@ -32,7 +34,7 @@ def question_accuracy(chat, scenes, image_folder: str, *, shown=None, batch_size
              for q in S.questions(scene, canonical=True)]
     replies = answer_all(chat, [q.question for _, q, _ in items],
                          [os.path.join(image_folder, image.file_name) for _, _, image in items],
-                         batch_size=batch_size, max_new_tokens=6, progress=progress, desc="questions")
+                         batch_size=batch_size, max_new_tokens=MAX_ANSWER_TOKENS, progress=progress, desc="questions")
     correct, total = collections.Counter(), collections.Counter()
     answers = []
     for (scene, q, _), reply in zip(items, replies):

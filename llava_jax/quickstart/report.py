@@ -172,9 +172,9 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
     lines.append(f"| **all** | **{result['accuracy']:.3f}** | {ab_all} | {summary['chance_accuracy']:.3f} | {total} |")
     if stage1:
         read = stage1["nearest_word"]
-        lines += ["", f"Stage 1 (projector aligned to word embeddings): on held-out images a quadrant's colour token "
-                      f"is nearest the right colour word {read['color']:.2f} of the time, its shape token nearest the "
-                      f"right shape word {read['shape']:.2f}."]
+        lines += ["", f"Stage 1 (vision tower + projector aligned to word embeddings): on held-out images the colour "
+                      f"token of a quadrant holding an object is nearest the right colour word {read['color']:.2f} "
+                      f"of the time, its shape token nearest the right shape word {read['shape']:.2f}."]
     d = summary["descriptions"]
     if d:
         lines += ["", f"Detailed descriptions ({DESCRIBE_NOTE}): object precision {d['object_precision']:.3f}, "

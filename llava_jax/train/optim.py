@@ -11,6 +11,8 @@ from typing import Callable
 import optax
 from flax import nnx
 
+from llava_jax.keypaths import key_names
+
 # Top-level model attributes that train in each stage. The vision tower is always frozen.
 TRAINABLE_ROOTS = {1: ("projector",), 2: ("projector", "language_model")}
 
@@ -45,16 +47,12 @@ def split_trainable(state: nnx.State, stage: int, lora=None):
     return nnx.split_state(state, trainable_filter(stage, lora), ...)
 
 
-def _path_names(path) -> list:
-    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
 def decay_mask(params):
     """True where weight decay applies: kernels and embeddings, never norms or biases."""
     import jax
 
     def decays(path, _):
-        names = _path_names(path)
+        names = key_names(path)
         return not (names[-1] in NO_DECAY_NAMES or any("norm" in n for n in names))
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -65,7 +63,7 @@ def param_groups(params):
     import jax
 
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "projector" if _path_names(path)[0] == "projector" else "default", params)
+        lambda path, _: "projector" if key_names(path)[0] == "projector" else "default", params)
 
 
 def warmup_steps(optim_config, total_steps: int) -> int:

@@ -18,9 +18,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
+from llava_jax.data.conversation import IGNORE_INDEX
+from llava_jax.keypaths import key_names
 from llava_jax.train import target_loss
 
-IGNORE = -100
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "pixel_values")
 
 
@@ -29,12 +30,12 @@ BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "pixel_values")
 def shifted_targets(labels, segment_ids):
     """Targets for positions 0..S-2 (token t predicts label t+1) and their validity mask.
 
-    A target counts when it is not IGNORE, is a real token, and belongs to the same segment as the
+    A target counts when it is not IGNORE_INDEX, is a real token, and belongs to the same segment as the
     token predicting it (so a packed row never predicts across samples).
     """
     targets = labels[:, 1:]
     seg_next, seg_here = segment_ids[:, 1:], segment_ids[:, :-1]
-    mask = (targets != IGNORE) & (seg_next == seg_here) & (seg_next != 0)
+    mask = (targets != IGNORE_INDEX) & (seg_next == seg_here) & (seg_next != 0)
     return jnp.where(mask, targets, 0), mask
 
 
@@ -210,19 +211,15 @@ def state_layout(model_config, stage: int, tx, mesh, seed: int = 0, lora=None) -
     return StateLayout(graphdef, abstract, shardings)
 
 
-def _key_names(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _mirror_shardings(opt_abstract, params, param_shardings, default):
     """Shardings for an optax state: a leaf whose key path ends with a parameter's path (mu, nu,
     ... under any chain/multi_transform nesting) and has its shape takes that parameter's sharding."""
     by_path = {}
     for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings)):
-        by_path[_key_names(path)] = (tuple(leaf.shape), sh)
+        by_path[key_names(path)] = (tuple(leaf.shape), sh)
 
     def one(path, leaf):
-        names = _key_names(path)
+        names = key_names(path)
         for start in range(len(names)):
             hit = by_path.get(names[start:])
             if hit is not None and hit[0] == tuple(leaf.shape):

@@ -1,53 +1,55 @@
-"""A tiny model folder for the inference tests: random LLaVA weights + the trained test tokenizer."""
+"""Tiny model folders for the inference, eval and datagen tests: random LLaVA weights + the test
+tokenizer (llava_jax.testing.tokenizer), and the greedy answer such a folder gives."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from conftest import tiny_llava_config
-from llava_jax.models.config import TextConfig
-from tokenizers_for_tests import BASE_VOCAB_SIZE, IMAGE_TOKEN_ID
+from llava_jax.recipes.tiny import tiny_llava_config
+from llava_jax.testing.tokenizer import BASE_VOCAB_SIZE, IMAGE_TOKEN_ID
 
 
-def tiny_chat_config():
-    # The vocabulary covers the tokenizer (base pieces + <image>); max positions bound the prompt.
-    text = TextConfig(vocab_size=BASE_VOCAB_SIZE + 8, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+def tiny_chat_config(max_positions: int = 512):
+    """The tiny model with a vocabulary that covers the test tokenizer (base pieces + <image>);
+    `max_positions` bounds the prompt."""
+    base = tiny_llava_config()
+    text = dataclasses.replace(base.text, vocab_size=BASE_VOCAB_SIZE + 8, max_position_embeddings=max_positions)
     return tiny_llava_config(text=text, image_token_id=IMAGE_TOKEN_ID, pad_token_id=0)
 
 
-def make_tiny_checkpoint(folder: str, seed: int = 0) -> str:
+def make_tiny_checkpoint(folder: str, seed: int = 0, max_positions: int = 512) -> str:
     """Write a model folder (config.json, tokenizer files, params/) and return its path."""
     from flax import nnx
 
     from llava_jax.checkpoint import save_model
     from llava_jax.models.llava import LlavaModel
-    from tokenizers_for_tests import llama_tokenizer
+    from llava_jax.testing.tokenizer import llama_tokenizer
 
-    config = tiny_chat_config()
+    config = tiny_chat_config(max_positions)
     model = LlavaModel(config, rngs=nnx.Rngs(seed))
     os.makedirs(folder, exist_ok=True)
-    save_model(folder, model, config, tokenizer=llama_tokenizer())
-    return folder
+    save_model(str(folder), model, config, tokenizer=llama_tokenizer())
+    return str(folder)
 
 
 _SHARED = {}
 _LOADED = {}
 
 
-def shared_tiny_checkpoint() -> str:
-    """One tiny model folder per test process (building it trains a tokenizer and saves with Orbax)."""
-    if "path" not in _SHARED:
+def shared_tiny_checkpoint(max_positions: int = 512) -> str:
+    """One tiny model folder per test process and context length (building it trains a tokenizer
+    and saves with Orbax)."""
+    if max_positions not in _SHARED:
         import tempfile
 
-        _SHARED["path"] = make_tiny_checkpoint(tempfile.mkdtemp(prefix="llava_jax_infer_ckpt_"))
-    return _SHARED["path"]
+        _SHARED[max_positions] = make_tiny_checkpoint(tempfile.mkdtemp(prefix="llava_jax_tiny_ckpt_"),
+                                                      max_positions=max_positions)
+    return _SHARED[max_positions]
 
 
 def expected_answer(ckpt: str, question: str, image=None, max_new_tokens: int = 16) -> str:
     """The greedy answer computed straight from the data modules and generate(), independently of
     llava_jax.infer.prompting: vicuna_v1 prompt, 'pad' preprocessing, cut at EOS."""
-    import numpy as np
-
     from llava_jax import load_pretrained
     from llava_jax.checkpoint import load_tokenizer
     from llava_jax.data.conversation import encode_prompt, generation_prompt

@@ -1,4 +1,4 @@
-"""A small LLaMA-style tokenizer trained in the test process (nothing can be downloaded).
+"""A small LLaMA-style tokenizer trained in-process for tests and benchmarks (nothing can be downloaded).
 
 `llama_tokenizer(legacy=...)` returns a transformers `LlamaTokenizer` built from a sentencepiece BPE
 model with byte fallback (unk=0 '<unk>', bos=1 '<s>', eos=2 '</s>', pad = unk as in the reference's

@@ -38,14 +38,19 @@ def _randomize(model: torch.nn.Module, seed: int, std: float):
     return model.eval()
 
 
+def _eager_random(model_cls, hf_cfg, seed: int, std: float):
+    """model_cls(hf_cfg) with eager attention and _randomize'd weights, in eval mode."""
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return _randomize(model_cls(hf_cfg), seed, std)
+
+
 def _hf_vlm(config: LlavaConfig, config_cls, model_cls, seed: int, std: float):
     d, vision, text = _hf_dicts(config)
     kw = {k: v for k, v in d.items() if k not in ("model_type", "architectures", "vision_config", "text_config")}
     hf_cfg = config_cls(vision_config=transformers.CLIPVisionConfig(**vision),
                         text_config=transformers.LlamaConfig(**text), **kw)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return _randomize(model_cls(hf_cfg), seed, std)
+    return _eager_random(model_cls, hf_cfg, seed, std)
 
 
 def hf_llava(config: LlavaConfig, seed: int = 0, std: float = 0.1):
@@ -59,18 +64,12 @@ def hf_llava_next(config: LlavaConfig, seed: int = 0, std: float = 0.1):
 
 def hf_llama(config: LlavaConfig, seed: int = 0, std: float = 0.1):
     _, _, text = _hf_dicts(config)
-    hf_cfg = transformers.LlamaConfig(**text)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return _randomize(transformers.LlamaForCausalLM(hf_cfg), seed, std)
+    return _eager_random(transformers.LlamaForCausalLM, transformers.LlamaConfig(**text), seed, std)
 
 
 def hf_clip(config: LlavaConfig, seed: int = 0, std: float = 0.1):
     _, vision, _ = _hf_dicts(config)
-    hf_cfg = transformers.CLIPVisionConfig(**vision)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return _randomize(transformers.CLIPVisionModel(hf_cfg), seed, std)
+    return _eager_random(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**vision), seed, std)
 
 
 def _canonical_name(model, key: str) -> str:

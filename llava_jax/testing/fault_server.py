@@ -6,23 +6,22 @@ seconds, longer than the client's timeout), "401" (bad key), "drop" (close the c
 "malformed" (HTTP 200 with a body that is not JSON), "garbage" (a valid completion whose text no
 parser accepts). Each ok reply reports usage prompt_tokens=10, completion_tokens=5.
 
-Also here, for the end-to-end tests of datagen and eval: a tiny random checkpoint (session fixture
-`tiny_ckpt`) and our own OpenAI-compatible server (llava_jax.infer.server, what `llava-jax serve`
-runs) serving it on 127.0.0.1 in a thread (session fixture `tiny_server` -> (base_url, model id)).
+Also here, for the end-to-end tests of datagen and eval: our own OpenAI-compatible server
+(llava_jax.infer.server, what `llava-jax serve` runs) serving a tiny random checkpoint on 127.0.0.1
+in a thread (`shared_tiny_server()` -> (base_url, model id); tests/conftest.py's fixtures `tiny_ckpt`
+and `tiny_server` give the checkpoint and the server).
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import json
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
+from llava_jax.testing.checkpoints import shared_tiny_checkpoint
 
 PROMPT_TOKENS, COMPLETION_TOKENS = 10, 5
 GARBAGE = "I am sorry, I cannot help with that."
@@ -113,24 +112,10 @@ class FaultServer:
         return Handler
 
 
+# --- our own server on a tiny checkpoint ----------------------------------------------------------
 
-# --- a tiny checkpoint and our own server ----------------------------------------------------------
-
-def make_tiny_checkpoint(path) -> str:
-    """A random tiny LLaVA + the test tokenizer, saved as a model folder. 2048 positions, so the
-    datagen prompts (about 1,600 tokens with their few-shot examples) fit."""
-    from flax import nnx
-
-    from conftest import tiny_llava_config
-    from llava_jax.checkpoint import save_model
-    from llava_jax.models.llava import LlavaModel
-    from tokenizers_for_tests import IMAGE_TOKEN_ID, llama_tokenizer
-
-    base = tiny_llava_config()
-    text = dataclasses.replace(base.text, vocab_size=IMAGE_TOKEN_ID + 8, max_position_embeddings=2048)
-    config = tiny_llava_config(text=text, image_token_id=IMAGE_TOKEN_ID, pad_token_id=0)
-    save_model(str(path), LlavaModel(config, rngs=nnx.Rngs(0)), config, tokenizer=llama_tokenizer())
-    return str(path)
+# The datagen prompts (about 1,600 tokens with their few-shot examples) need 2048 positions.
+TINY_SERVER_POSITIONS = 2048
 
 
 @contextlib.contextmanager
@@ -149,25 +134,9 @@ def serve_checkpoint(ckpt: str, model_id: str = "tiny"):
         server.server_close()  # also stops the engine
 
 
-# Imported into several test modules, a session fixture would be built once per module; the cache
-# makes the checkpoint and the server process-wide.
 @functools.lru_cache(maxsize=None)
-def _shared_tiny_ckpt() -> str:
-    return make_tiny_checkpoint(tempfile.mkdtemp(prefix="llava_jax_tiny_ckpt_"))
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_tiny_server():
-    served = serve_checkpoint(_shared_tiny_ckpt())
+def shared_tiny_server() -> tuple:
+    """(base_url, model id) of our server on the shared tiny checkpoint, one per process (stopped at exit)."""
+    served = serve_checkpoint(shared_tiny_checkpoint(TINY_SERVER_POSITIONS))
     atexit.register(served.__exit__, None, None, None)
     return served.__enter__()
-
-
-@pytest.fixture
-def tiny_ckpt() -> str:
-    return _shared_tiny_ckpt()
-
-
-@pytest.fixture
-def tiny_server():
-    return _shared_tiny_server()
