@@ -145,18 +145,14 @@ def train_tokens(model, pixels: np.ndarray, words: np.ndarray, table: np.ndarray
 
 
 def nearest_word_accuracy(tokens: np.ndarray, words: np.ndarray, table: np.ndarray) -> dict:
-    """How often the colour and shape tokens of each quadrant holding an object are nearest to the
-    right word's embedding (among all of vocabulary())."""
-    nearest = np.stack([np.argmin(((t[:, None, :] - table[None]) ** 2).sum(-1), axis=-1) for t in tokens])
+    """How often a token aligned to a colour (shape) word is nearest to that word's embedding (among
+    all of vocabulary()): the colour and shape read-out of the quadrants that hold an object."""
+    nearest = np.argmin(((tokens[..., None, :] - table) ** 2).sum(-1), axis=-1)
     vocab = vocabulary()
-    grid = int(round(np.sqrt(tokens.shape[1])))
     out = {}
-    for kind, slot, empty in (("color", 0, EMPTY_WORDS[0]), ("shape", 1, EMPTY_WORDS[1])):
-        # the token of each quadrant's block that carries this word (slot s of the 2 x 2 block)
-        positions = [(q // 2) * 2 * grid + (q % 2) * 2 + (slot // 2) * grid + slot % 2 for q in range(4)]
-        truth, said = words[:, positions], nearest[:, positions]
-        has_object = truth != vocab.index(empty)
-        out[kind] = float((truth == said)[has_object].mean())
+    for kind, names in (("color", S.COLORS), ("shape", S.SHAPES)):
+        aligned_to_kind = np.isin(words, [vocab.index(w) for w in names])
+        out[kind] = float((nearest == words)[aligned_to_kind].mean())
     return out
 
 
@@ -175,8 +171,9 @@ def align(model, tokenizer, train_pixels: np.ndarray, train_scenes, eval_pixels:
                            tower_lr=tower_lr, batch_size=batch_size, classify_weight=classify_weight, seed=seed,
                            progress=progress)
     tokens = image_tokens(model, eval_pixels)
-    targets = table[token_words(eval_scenes, grid)]
+    eval_words = token_words(eval_scenes, grid)
+    targets = table[eval_words]
     return {"history": history, "seconds": time.perf_counter() - start,
             "eval_mse": float(np.mean(np.sum((tokens - targets) ** 2, -1))),
             "eval_target_norm2": float(np.mean(np.sum(targets ** 2, -1))),
-            "nearest_word": nearest_word_accuracy(tokens, token_words(eval_scenes, grid), table)}
+            "nearest_word": nearest_word_accuracy(tokens, eval_words, table)}
