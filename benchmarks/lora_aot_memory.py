@@ -41,23 +41,20 @@ def compile_step(config, devices):
     from llava_jax import sharding
     from llava_jax.models import lora as lora_lib
     from llava_jax.models.config import config_from_any
-    from llava_jax.train import loop, optim
-    from llava_jax.train import step as step_lib
+    from llava_jax.train.setup import train_setup
 
     model_config = config_from_any(config.model)
     lora = lora_lib.from_config(config.lora)
     mesh = sharding.make_mesh(1, -1, 1, devices=devices)
-    tx, schedule = optim.make_optimizer(config.optim, 1000)
-    layout = step_lib.state_layout(model_config, 2, tx, mesh, lora=lora)
+    setup = train_setup(config, model_config, mesh, 1000, lora=lora)  # the cases' configs: stage 2, seed 0
+    layout = setup.layout
     b, s, size = GLOBAL_BATCH, SEQ, model_config.vision.image_size
     shapes = dict(input_ids=((b, s), jnp.int32), labels=((b, s), jnp.int32), segment_ids=((b, s), jnp.int32),
                   positions=((b, s), jnp.int32), pixel_values=((b, 1, size, size, 3), jnp.float32))
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
              for k, (shape, dtype) in shapes.items()}
-    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, loop.num_microbatches(config),
-                             dropout_seed=0 if lora is not None and lora.dropout > 0 else None)
     with jax.set_mesh(mesh):
-        step = step_lib.jit_train_step(spec, mesh, layout.shardings, {k: v.sharding for k, v in batch.items()})
+        step = setup.jit_train_step({k: v.sharding for k, v in batch.items()})
         compiled = step.lower(layout.abstract, batch).compile()
     counts = {part: sum(int(x.size) for x in jax.tree.leaves(layout.abstract[part])) for part in ("params", "frozen")}
     return compiled, counts

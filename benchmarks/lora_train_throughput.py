@@ -28,22 +28,19 @@ from train_throughput import TorchRunner, make_batch  # noqa: E402
 class OursLora:
     def __init__(self, cfg, batch, lora):
         from llava_jax import sharding
-        from llava_jax.train import optim
-        from llava_jax.train import step as S
         from llava_jax.train.defaults import base_config
+        from llava_jax.train.setup import train_setup
 
-        c = base_config(cfg)
+        c = base_config(cfg)  # stage 2, seed 0 (the adapter dropout's), no accumulation
         c.optim.lr, c.optim.warmup_ratio, c.optim.weight_decay, c.optim.grad_clip = 1e-4, 0.0, 0.0, 1.0
         self.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        tx, schedule = optim.make_optimizer(c.optim, 1000)
-        layout = S.state_layout(cfg, 2, tx, self.mesh, lora=lora)
-        self.state = S.init_state(layout, cfg, 2, tx, self.mesh, lora=lora)
+        setup = train_setup(c, cfg, self.mesh, 1000, lora=lora)
+        self.state = setup.init_state()
         self.trainable = sum(int(x.size) for x in jax.tree.leaves(self.state["params"]))
         bsh = sharding.tree_batch_shardings(self.mesh, batch)
         self.batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
-        spec = S.StepSpec(layout.graphdef, tx, schedule, dropout_seed=0)
         with jax.set_mesh(self.mesh):
-            self._step = S.jit_train_step(spec, self.mesh, layout.shardings, bsh)
+            self._step = setup.jit_train_step(bsh)
 
     def step(self):
         with jax.set_mesh(self.mesh):

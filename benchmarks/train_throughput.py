@@ -51,23 +51,23 @@ class OursRunner:
 
     def __init__(self, cfg, batch: dict, *, loss_chunk: int = 0):
         from llava_jax import sharding
-        from llava_jax.train import optim
         from llava_jax.train import step as S
         from llava_jax.train.defaults import base_config
+        from llava_jax.train.setup import train_setup
 
         self.cfg = cfg
-        c = base_config(cfg)
+        c = base_config(cfg)  # stage 2, seed 0, no accumulation
         c.optim.lr, c.optim.warmup_ratio, c.optim.weight_decay, c.optim.grad_clip = 1e-5, 0.0, 0.0, 1.0
+        c.loss_chunk_size = loss_chunk
         self.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        tx, schedule = optim.make_optimizer(c.optim, 1000)
-        self.layout = S.state_layout(cfg, 2, tx, self.mesh)
-        self.state = S.init_state(self.layout, cfg, 2, tx, self.mesh)
+        setup = train_setup(c, cfg, self.mesh, 1000)
+        self.layout, self.spec = setup.layout, setup.spec
+        self.state = setup.init_state()
         bsh = sharding.tree_batch_shardings(self.mesh, batch)
         self.batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
-        self.spec = S.StepSpec(self.layout.graphdef, tx, schedule, 1, loss_chunk)
         self.S = S
         with jax.set_mesh(self.mesh):
-            self._step = S.jit_train_step(self.spec, self.mesh, self.layout.shardings, bsh)
+            self._step = setup.jit_train_step(bsh)
 
     def step(self):
         with jax.set_mesh(self.mesh):

@@ -143,18 +143,15 @@ def compile_train_step(config, devices):
     from llava_jax import sharding
     from llava_jax.models import lora as lora_lib
     from llava_jax.models.config import config_from_any
-    from llava_jax.train import loop, optim
-    from llava_jax.train import step as step_lib
+    from llava_jax.train.setup import train_setup
 
     model_config = config_from_any(config.model)
     mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor),
                               devices=devices)
-    total = int(config.total_steps) or 1000
-    tx, schedule = optim.make_optimizer(config.optim, total)
     lora = lora_lib.from_config(config.get("lora"))  # adapters only trained, the base frozen (models/lora.py)
     if lora is not None:
         lora.check_shapes(model_config.text)
-    layout = step_lib.state_layout(model_config, int(config.stage), tx, mesh, seed=int(config.seed), lora=lora)
+    setup = train_setup(config, model_config, mesh, int(config.total_steps) or 1000, lora=lora)
     b, s = int(config.global_batch_size), int(config.max_length)
     m = max(1, int(config.data.max_images_per_row))
     size = model_config.vision.image_size
@@ -167,12 +164,8 @@ def compile_train_step(config, devices):
         shapes.update(pixel_values=((b, m, tiles, size, size, 3), jnp.float32), image_sizes=((b, m, 5), jnp.int32))
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
              for k, (shape, dtype) in shapes.items()}
-    batch_sh = {k: v.sharding for k, v in batch.items()}
-    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, loop.num_microbatches(config),
-                             int(config.get("loss_chunk_size", 0)),
-                             dropout_seed=int(config.seed) if lora is not None and lora.dropout > 0 else None)
     with jax.set_mesh(mesh):
-        lowered = step_lib.jit_train_step(spec, mesh, layout.shardings, batch_sh).lower(layout.abstract, batch)
+        lowered = setup.jit_train_step({k: v.sharding for k, v in batch.items()}).lower(setup.layout.abstract, batch)
         return mesh, lowered.compile()
 
 

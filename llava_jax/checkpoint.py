@@ -1,10 +1,12 @@
-"""Checkpoint folders (the only module that imports orbax).
+"""Model folders: config.json, tokenizer files and parameters (Orbax, imported inside the functions
+that read or write arrays, so importing this module does not load orbax).
 
 A model folder:       config.json (our LlavaConfig JSON), tokenizer files, params/ (Orbax PyTree of
                       the parameters as a nested dict, `nnx.to_pure_dict(nnx.state(model, nnx.Param))`).
 A training workdir:   the same config.json + tokenizer files at its root, and checkpoints/<step>/
                       holding the item `params` (same nested dict, saved with ocp.args.StandardSave)
-                      next to the optimizer state, the step and the data-iterator state.
+                      next to the optimizer state, the step and the data-iterator state; the train
+                      loop writes and resumes those with llava_jax.train.checkpointer.TrainCheckpointer.
 `load_pretrained(path)` accepts both (a workdir gives its latest step), and a step folder itself.
 """
 from __future__ import annotations
@@ -293,138 +295,6 @@ def load_pretrained(path: str, dtype: Optional[str] = None, mesh=None, param_dty
     return model_from_params(config, params), config
 
 
-# =============================================================================================
-# TRAINING CHECKPOINTS (the train loop's state; written by the training module's owner)
-#
-# workdir/checkpoints/<step>/ holds the items
-#   params     the full model parameter dict (trainable + frozen), StandardSave: the same format
-#              as a model folder's params/, so load_pretrained reads a step like a model folder
-#   opt_state  the optax state over the trainable parameters, StandardSave
-#   data       each process's data-iterator state, process_<i>-of-<n>.json
-#   meta       JSON: step, stage, the training config, counters
-# Saves are asynchronous; restoring reads every array straight into the shardings of the target
-# (so a run can resume on a different mesh).
-# =============================================================================================
-
-import base64 as _base64
-import dataclasses as _dataclasses
-from typing import Any as _Any
-
-import orbax.checkpoint as _ocp
-
-DATA_ITEM = "data"
-OPT_ITEM = "opt_state"
-META_ITEM = "meta"
-
-
-def _encode_data_state(value) -> dict:
-    """Iterator states are JSON-able dicts (Grain datasets) or bytes (Grain DataLoader)."""
-    if isinstance(value, (bytes, bytearray)):
-        return {"kind": "bytes", "value": _base64.b64encode(bytes(value)).decode("ascii")}
-    return {"kind": "json", "value": value}
-
-
-def _decode_data_state(record: dict, file: str):
-    if record.get("kind") == "bytes":
-        return _base64.b64decode(record["value"])
-    if record.get("kind") == "json":
-        return record["value"]
-    raise ValueError(f"{file}: not a data-iterator state record (expected key 'kind' = 'bytes' or 'json')")
-
-
-class DataStateHandler(_ocp.CheckpointHandler):
-    """One JSON file per process: each host restores the position of its own data shard."""
-
-    @staticmethod
-    def _file(directory) -> str:
-        return os.path.join(str(directory), f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-
-    def save(self, directory, args: "DataStateSave"):
-        with open(self._file(directory), "w") as f:
-            json.dump(_encode_data_state(args.value), f)
-
-    def restore(self, directory, args: "DataStateRestore" = None):
-        file = self._file(directory)
-        if not os.path.exists(file):
-            found = sorted(os.listdir(str(directory))) if os.path.isdir(str(directory)) else []
-            raise FileNotFoundError(f"no data-iterator state for process {jax.process_index()} of "
-                                    f"{jax.process_count()}: {file} is missing (found {found}); the checkpoint "
-                                    "was written by a run with a different number of processes")
-        with open(file) as f:
-            return _decode_data_state(json.load(f), file)
-
-    def metadata(self, directory):
-        return None
-
-    def structure(self, directory):
-        return None
-
-    def finalize(self, directory):
-        pass
-
-    def close(self):
-        pass
-
-
-@_ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@_dataclasses.dataclass
-class DataStateSave(_ocp.args.CheckpointArgs):
-    value: _Any
-
-
-@_ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@_dataclasses.dataclass
-class DataStateRestore(_ocp.args.CheckpointArgs):
-    pass
-
-
-class TrainCheckpointer:
-    """Async save every N steps keeping the last K; restore the latest onto target shardings."""
-
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
-        options = _ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
-                                                enable_async_checkpointing=async_save)
-        self.manager = _ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(PARAMS_ITEM, OPT_ITEM, DATA_ITEM, META_ITEM))
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def save(self, step: int, params: dict, opt_state, data_state, meta: dict) -> bool:
-        """Start an asynchronous save (arrays are copied off-device before this returns)."""
-        args = _ocp.args.Composite(**{
-            PARAMS_ITEM: _ocp.args.StandardSave(params),
-            OPT_ITEM: _ocp.args.StandardSave(opt_state),
-            DATA_ITEM: DataStateSave(data_state),
-            META_ITEM: _ocp.args.JsonSave(dict(meta, step=int(step))),
-        })
-        return self.manager.save(int(step), args=args, force=True)
-
-    def restore(self, step: int, params_target: dict, opt_target) -> tuple:
-        """-> (params, opt_state, data_state, meta); targets are ShapeDtypeStructs with shardings.
-
-        data_state is None when the checkpoint holds no state for this process (it was written by a
-        run with another number of processes: the data positions cannot be mapped)."""
-        items = {
-            PARAMS_ITEM: _ocp.args.StandardRestore(params_target),
-            OPT_ITEM: _ocp.args.StandardRestore(opt_target),
-            META_ITEM: _ocp.args.JsonRestore(),
-        }
-        if os.path.exists(DataStateHandler._file(os.path.join(self.directory, str(int(step)), DATA_ITEM))):
-            items[DATA_ITEM] = DataStateRestore()
-        out = self.manager.restore(int(step), args=_ocp.args.Composite(**items))
-        data = out[DATA_ITEM] if DATA_ITEM in items else None
-        return out[PARAMS_ITEM], out[OPT_ITEM], data, out[META_ITEM]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
 def restore_params_subset(path: str, target: dict, only: Optional[tuple] = None) -> dict:
     """Read the parameters a model folder / workdir / step folder holds for `target`'s leaves.
 
@@ -433,6 +303,8 @@ def restore_params_subset(path: str, target: dict, only: Optional[tuple] = None)
     leaves the checkpoint lacks (e.g. a projector not in a converted CLIP+Vicuna base) are absent.
     Shapes must match the target: a mismatch names the parameter and both shapes.
     """
+    import orbax.checkpoint as ocp
+
     directory = params_location(path)
     stored = stored_shapes(directory)
     flat = {dotted(p): (p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
@@ -459,7 +331,7 @@ def restore_params_subset(path: str, target: dict, only: Optional[tuple] = None)
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = leaf
-    restore_args = _ocp.checkpoint_utils.construct_restore_args(partial)
-    with _ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(directory, args=_ocp.args.PyTreeRestore(item=partial, restore_args=restore_args,
-                                                                     partial_restore=True))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(partial)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(item=partial, restore_args=restore_args,
+                                                                    partial_restore=True))

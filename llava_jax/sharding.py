@@ -69,19 +69,16 @@ def parse_mesh(text: str) -> tuple:
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh; one size may be -1 to take the remaining devices."""
+    """A ("data", "fsdp", "tensor") mesh; one size may be -1 to take the remaining devices (the rule is
+    validate.resolve_mesh's, the one `llava-jax train` checks configs with)."""
+    from llava_jax.validate import resolve_mesh
+
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
-                         f"{int(np.prod(sizes))} devices, found {len(devices)}")
+    sizes = resolve_mesh((data, fsdp, tensor), len(devices))
+    if sizes is None:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not cover the {len(devices)} devices "
+                         f"(the product must be {len(devices)}; each size a positive integer, or -1 (at most "
+                         f"one) for the devices left)")
     try:
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)

@@ -13,8 +13,8 @@ from llava_jax.models.config import TextConfig
 from llava_jax.models.lora import LoraConfig
 from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.testing.batches import make_batch
-from llava_jax.train import optim, step as S
 from llava_jax.train.defaults import base_config
+from llava_jax.train.setup import train_setup
 
 assert jax.device_count() == 8
 text = TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,
@@ -23,10 +23,9 @@ cfg = tiny_llava_config(text=text)
 lora = LoraConfig(rank=8, alpha=16, dropout=0.1, base_dtype="int8")
 c = base_config(cfg)
 c.optim.lr, c.optim.projector_lr, c.optim.warmup_ratio, c.optim.eps = 1e-3, 3e-3, 0.0, 1e-3
-tx, schedule = optim.make_optimizer(c.optim, 10)
 batch = make_batch(cfg, 8, 24, seed=3, packed_rows=3)
 one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-initial = jax.device_get(S.init_state(S.state_layout(cfg, 2, tx, one, lora=lora), cfg, 2, tx, one, lora=lora))
+initial = jax.device_get(train_setup(c, cfg, one, 10, lora=lora).init_state())
 # B starts at zero; nonzero values make every adapter take part in the forward pass.
 rng = np.random.default_rng(0)
 initial["params"] = jax.tree_util.tree_map_with_path(
@@ -34,12 +33,11 @@ initial["params"] = jax.tree_util.tree_map_with_path(
     initial["params"])
 
 def run(mesh):
-    layout = S.state_layout(cfg, 2, tx, mesh, seed=0, lora=lora)
-    state = jax.device_put(initial, layout.shardings)
+    setup = train_setup(c, cfg, mesh, 10, lora=lora)  # stage 2, seed 0: dropout_seed 0
+    state = jax.device_put(initial, setup.layout.shardings)
     with jax.set_mesh(mesh):
         bsh = sharding.tree_batch_shardings(mesh, batch)
-        spec = S.StepSpec(layout.graphdef, tx, schedule, dropout_seed=0)
-        new, metrics = S.jit_train_step(spec, mesh, layout.shardings, bsh)(state, jax.device_put(batch, bsh))
+        new, metrics = setup.jit_train_step(bsh)(state, jax.device_put(batch, bsh))
     q = new["params"]["language_model"]["layers"]["self_attn"]["q_proj"]
     info = {"lora_a": str(q["lora_a"].sharding.spec), "lora_b": str(q["lora_b"].sharding.spec),
             "a_shards": sorted({tuple(s.data.shape) for s in q["lora_a"].addressable_shards}),
@@ -56,7 +54,7 @@ worst = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-3)))
             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
 out["meshes"]["(2, 2, 2)"] = dict(info, loss=loss, worst_rel=worst)
 # Another mesh's layout (no step): B's output axis over a tensor axis of 4.
-layout = S.state_layout(cfg, 2, tx, sharding.make_mesh(1, 2, 4), lora=lora)
+layout = train_setup(c, cfg, sharding.make_mesh(1, 2, 4), 10, lora=lora).layout
 b = layout.abstract["params"]["language_model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
 out["b_shard_1_2_4"] = list(b.sharding.shard_shape(b.shape))
 print("RESULT" + json.dumps(out))

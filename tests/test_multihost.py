@@ -9,9 +9,10 @@ import numpy as np
 from llava_jax import checkpoint, sharding
 from llava_jax.models.config import config_from_any
 from llava_jax.testing.processes import REPO, free_port, subprocess_env
-from llava_jax.train import optim
 from llava_jax.train import step as step_lib
+from llava_jax.train.checkpointer import TrainCheckpointer
 from llava_jax.train.metrics import read_metrics
+from llava_jax.train.setup import train_setup
 
 TINY = str(REPO / "configs" / "tiny.py")
 
@@ -49,9 +50,8 @@ def test_two_processes_train_save_resume_and_restore_elsewhere(tmp_path):
 
     config = load_config(f"{TINY}:stage2")
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tx, _ = optim.make_optimizer(config.optim, 4)
-    layout = step_lib.state_layout(config_from_any(config.model), 2, tx, mesh)
-    ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=2)
+    layout = train_setup(config, config_from_any(config.model), mesh, 4).layout
+    ckpt = TrainCheckpointer(str(workdir), keep=2)
     params, opt_state, data_state, meta = ckpt.restore(4, step_lib.merged_params(layout.abstract),
                                                        layout.abstract["opt_state"])
     ckpt.close()

@@ -14,8 +14,9 @@ from llava_jax import sharding
 from llava_jax.models.config import TextConfig
 from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.testing.batches import make_batch
-from llava_jax.train import optim, step as S
+from llava_jax.train import step as S
 from llava_jax.train.defaults import base_config
+from llava_jax.train.setup import train_setup
 
 assert jax.device_count() == 8, jax.devices()
 # Head counts and widths divide a tensor axis of 4 and an fsdp axis of 8.
@@ -30,19 +31,18 @@ c.optim.weight_decay = 0.1
 # A large eps keeps Adam's first update linear in the gradient: with eps=1e-8 it is lr*sign(g), so
 # gradients that are rounding noise around 0 would flip sign between reduction orders.
 c.optim.eps = 1e-3
-tx, schedule = optim.make_optimizer(c.optim, 10)
 batch = make_batch(cfg, 8, 24, seed=3, packed_rows=3)
 
 one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-initial = jax.device_get(S.init_state(S.state_layout(cfg, 2, tx, one_device), cfg, 2, tx, one_device))
+initial = jax.device_get(train_setup(c, cfg, one_device, 10).init_state())
 
 def run(mesh):
-    layout = S.state_layout(cfg, 2, tx, mesh, seed=0)
-    state = jax.device_put(initial, layout.shardings)
+    setup = train_setup(c, cfg, mesh, 10)
+    state = jax.device_put(initial, setup.layout.shardings)
     with jax.set_mesh(mesh):
         bsh = sharding.tree_batch_shardings(mesh, batch)
         gbatch = jax.device_put(batch, bsh)
-        step = S.jit_train_step(S.StepSpec(layout.graphdef, tx, schedule), mesh, layout.shardings, bsh)
+        step = setup.jit_train_step(bsh)
         new, metrics = step(state, gbatch)
         # parameters really are split over the mesh
         kernel = new["params"]["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]

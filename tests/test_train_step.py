@@ -13,6 +13,7 @@ from llava_jax.testing.batches import make_batch
 from llava_jax.train import optim
 from llava_jax.train import step as S
 from llava_jax.train.defaults import base_config
+from llava_jax.train.setup import train_setup
 
 SEQ = 24
 
@@ -25,16 +26,16 @@ def _setup(stage, *, microbatches=1, loss_chunk=0, eps=1e-8, projector_lr=0.0, t
     c.optim.warmup_ratio = 0.0
     c.optim.weight_decay = 0.1
     c.optim.eps = eps
+    c.stage, c.global_batch_size, c.microbatch_size, c.loss_chunk_size = stage, 4, 4 // microbatches, loss_chunk
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tx, schedule = optim.make_optimizer(c.optim, total)
-    layout = S.state_layout(cfg, stage, tx, mesh)
-    state = S.init_state(layout, cfg, stage, tx, mesh)
+    setup = train_setup(c, cfg, mesh, total)
+    assert setup.spec.num_microbatches == microbatches
+    state = setup.init_state()
     batch = make_batch(cfg, 4, SEQ, seed=1, packed_rows=2)
     bsh = sharding.tree_batch_shardings(mesh, batch)
-    spec = S.StepSpec(layout.graphdef, tx, schedule, microbatches, loss_chunk)
     with jax.set_mesh(mesh):
-        step = S.jit_train_step(spec, mesh, layout.shardings, bsh)
-    return cfg, mesh, layout, state, step, batch
+        step = setup.jit_train_step(bsh)
+    return cfg, mesh, setup.layout, state, step, batch
 
 
 def _host(tree):

@@ -24,7 +24,6 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llava_jax import checkpoint, peft_io, sharding, validate
 from llava_jax.models import lora as lora_lib
@@ -32,8 +31,10 @@ from llava_jax.models.config import config_from_any
 from llava_jax.train import flops as flops_lib
 from llava_jax.train import optim
 from llava_jax.train import step as step_lib
+from llava_jax.train.checkpointer import TrainCheckpointer
 from llava_jax.train.metrics import MetricsWriter
 from llava_jax.train.profile import StepProfiler, parse_profile_steps
+from llava_jax.train.setup import train_setup
 from llava_jax.validate import UserError
 
 log = logging.getLogger("llava_jax.train")
@@ -218,16 +219,6 @@ def resolve_total_steps(config, data_iter) -> int:
     return max(1, int(config.num_epochs * size) // int(config.global_batch_size))
 
 
-def num_microbatches(config) -> int:
-    mb = int(config.microbatch_size or 0)
-    if mb <= 0 or mb >= config.global_batch_size:
-        return 1
-    if config.global_batch_size % mb:
-        raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of "
-                         f"microbatch_size {mb}")
-    return config.global_batch_size // mb
-
-
 def to_global_batch(local: dict, mesh) -> dict:
     """This host's rows -> global jax arrays split over ("data", "fsdp")."""
     missing = [k for k in step_lib.BATCH_KEYS if k not in local]
@@ -312,8 +303,8 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
     data_iter = data_factory(config, tokenizer, model_config, process_index=jax.process_index(),
                              process_count=jax.process_count())
     total_steps = resolve_total_steps(config, data_iter)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    layout = step_lib.state_layout(model_config, stage, tx, mesh, seed=int(config.seed), lora=lora)
+    setup = train_setup(config, model_config, mesh, total_steps, lora=lora)
+    layout = setup.layout
 
     if is_main:
         checkpoint.write_model_files(workdir, model_config, tokenizer=tokenizer)
@@ -322,7 +313,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         # What chat / serve / eval need to prompt this checkpoint the way it was trained.
         with open(os.path.join(workdir, "inference.json"), "w") as f:
             json.dump({"template": config.data.template, "image_aspect": config.data.image_aspect}, f)
-    ckpt = checkpoint.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints))
+    ckpt = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints))
 
     start = ckpt.latest_step()
     if start is not None and start >= total_steps:
@@ -339,8 +330,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         else:  # adapters + projector from the checkpoint, the frozen base from init.base again
             trainable, opt_state, data_state, meta = ckpt.restore(
                 start, layout.abstract["params"], layout.abstract["opt_state"])
-            fresh = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed), lora=lora)
-            frozen = load_initial_weights(config, fresh, layout, lora)["frozen"]
+            frozen = load_initial_weights(config, setup.init_state(), layout, lora)["frozen"]
         step_arr = jax.device_put(np.int32(start), layout.shardings["step"])
         state = dict(step=step_arr, params=trainable, frozen=frozen, opt_state=opt_state)
         if data_state is None:
@@ -352,13 +342,9 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         _say(f"resumed from {ckpt.directory} at step {start}")
     else:
         start = 0
-        state = step_lib.init_state(layout, model_config, stage, tx, mesh, seed=int(config.seed), lora=lora)
-        state = load_initial_weights(config, state, layout, lora)
+        state = load_initial_weights(config, setup.init_state(), layout, lora)
         masked_batches = 0
 
-    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, num_microbatches(config),
-                             int(config.get("loss_chunk_size", 0)),
-                             dropout_seed=int(config.seed) if lora is not None and lora.dropout > 0 else None)
     eval_iter_factory = _eval_factory(config, tokenizer, model_config, data_factory)
     writer = MetricsWriter(workdir, total_steps, initial_step=start, enabled=is_main, progress=progress)
     peak = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.peak_flops(jax.devices()[0])
@@ -374,7 +360,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                 batch = to_global_batch(local, mesh)
                 if train_step is None:
                     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-                    train_step = step_lib.jit_train_step(spec, mesh, layout.shardings, batch_sh)
+                    train_step = setup.jit_train_step(batch_sh)
                     b, s = batch["input_ids"].shape
                     # A LoRA step computes the frozen LLM's input gradients but not its weight gradients:
                     # stage 1's accounting (the adapters' own FLOPs are a rounding error at r << width).
@@ -397,7 +383,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                     pending, timer, timed_steps = [], time.perf_counter(), 0
                 if eval_iter_factory and config.eval_every and step % int(config.eval_every) == 0:
                     if eval_step is None:
-                        eval_step = step_lib.jit_eval_step(spec, mesh, layout.shardings, batch_sh)
+                        eval_step = setup.jit_eval_step(batch_sh)
                     eval_loss = _evaluate(eval_step, state, eval_iter_factory(), int(config.eval_batches), mesh)
                     writer.write(step, {"loss": eval_loss}, prefix="eval_")
                     timer = time.perf_counter()
