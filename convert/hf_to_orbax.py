@@ -25,47 +25,8 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import checkpoint, cli, hf_io, validate  # noqa: E402
-from llava_jax.data.anyres import DEFAULT_GRID_PINPOINTS  # noqa: E402
-
-
-def check_inputs(hf_llava: str | None, clip: str | None, llm: str | None, projector: str | None,
-                 projector_type: str | None, tokenizer: str | None) -> None:
-    """The options go together and every input is a local folder (the projector: a file); raises a
-    UserError (a hub id gets the hint to download it) before anything is read."""
-    if hf_llava and (clip or llm or projector or projector_type):
-        raise validate.UsageError("--hf-llava cannot be combined with --clip/--llm/--projector/--projector-type")
-    if not hf_llava and not (clip and llm):
-        raise validate.UsageError("give either --hf-llava DIR, or both --clip DIR and --llm DIR")
-    for path, what in ((hf_llava, "llava-hf folder (--hf-llava)"), (clip, "CLIP folder (--clip)"),
-                       (llm, "LLaMA/Vicuna folder (--llm)"), (tokenizer, "tokenizer folder (--tokenizer)")):
-        if path:
-            validate.require_folder(path, what)
-    if projector:
-        validate.require_file(projector, "projector weights file (--projector)", "DIR/mm_projector.bin")
-
-
-def convert(out: str, hf_llava: str | None = None, clip: str | None = None, llm: str | None = None,
-            projector: str | None = None, projector_type: str | None = None, image_token_id: int | None = None,
-            tokenizer: str | None = None, seed: int = 0, progress: bool = True, anyres: bool = False):
-    """Write the model folder `out`; returns its LlavaConfig."""
-    check_inputs(hf_llava, clip, llm, projector, projector_type, tokenizer)
-    if anyres and hf_llava:
-        raise validate.UsageError("--anyres goes with --clip/--llm; a llava-hf folder's config.json says "
-                                  "whether it is LLaVA-1.6 (model_type llava_next)")
-    if hf_llava:
-        config, params = hf_io.load_hf_llava(hf_llava, progress=progress)
-        if image_token_id is not None:
-            config = config.replace(image_token_id=image_token_id)
-        tokenizer = tokenizer or hf_llava
-    else:
-        pinpoints = [list(p) for p in DEFAULT_GRID_PINPOINTS] if anyres else None
-        config, params = hf_io.load_clip_llm(clip, llm, projector=projector, projector_type=projector_type,
-                                             image_token_id=image_token_id, seed=seed, progress=progress,
-                                             image_grid_pinpoints=pinpoints)
-        tokenizer = tokenizer or llm
-    checkpoint.save_model(out, params, config, tokenizer_dir=tokenizer)
-    return config
+from llava_jax import cli  # noqa: E402
+from llava_jax.hf.convert import import_hf  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -90,9 +51,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> int:
-        config = convert(args.out, hf_llava=args.hf_llava, clip=args.clip, llm=args.llm, projector=args.projector,
-                         projector_type=args.projector_type, image_token_id=args.image_token_id,
-                         tokenizer=args.tokenizer, seed=args.seed, anyres=args.anyres)
+        config = import_hf(args.out, hf_llava=args.hf_llava, clip=args.clip, llm=args.llm, projector=args.projector,
+                           projector_type=args.projector_type, image_token_id=args.image_token_id,
+                           tokenizer=args.tokenizer, seed=args.seed, anyres=args.anyres)
         print(f"wrote {args.out} (projector {config.projector_type}, {config.text.num_layers}-layer LLM, "
               f"{config.vision.image_size}px vision tower)")
         return 0

@@ -24,29 +24,8 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax import checkpoint, cli, hf_io, peft_io  # noqa: E402
-from llava_jax.models.config import to_hf  # noqa: E402
-
-
-def export(ckpt: str, out: str, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
-           progress: bool = True) -> list:
-    """Write the llava-hf folder `out`; returns the weight file names."""
-    config = checkpoint.read_config(ckpt)
-    to_hf(config)  # fail on an unsupported projector before reading any weights
-    if peft_io.read_run_file(ckpt) is not None:  # a LoRA run: merged into the base it trained on
-        config, params = peft_io.merged_numpy(None, ckpt)
-    else:
-        params = checkpoint.load_params_numpy(ckpt, config)
-    names = hf_io.write_hf_llava(params, config, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                                 progress=progress)
-    checkpoint.copy_tokenizer_files(checkpoint.model_root(ckpt), out)
-    return names
-
-
-def export_peft(ckpt: str, out: str) -> list:
-    """Write a LoRA training workdir's adapter (and projector) as a peft folder; -> file names."""
-    lora, params, base = peft_io.read_run_adapter(ckpt)
-    return peft_io.write_peft(out, params, checkpoint.read_config(ckpt), lora, base_model=base or None)
+from llava_jax import cli  # noqa: E402
+from llava_jax.hf.convert import export_hf, export_peft  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -65,7 +44,8 @@ def main(argv=None) -> int:
         if args.peft:
             names = export_peft(args.ckpt, args.out)
         else:
-            names = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+            names = export_hf(args.ckpt, args.out, dtype=args.dtype,
+                              max_shard_bytes=int(args.max_shard_size_gb * 2**30))
         print(f"wrote {args.out}: {', '.join(names)}")
         return 0
 

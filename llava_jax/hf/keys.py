@@ -1,4 +1,4 @@
-"""The one table between our parameter tree and the canonical llava-hf key names.
+"""The key mapping between HF weight files and our parameter tree: the one table, and the renamings.
 
 Canonical names are the transformers-5 save format of LlavaForConditionalGeneration
 (`language_model.model.*`, `language_model.lm_head.weight`, `multi_modal_projector.*`,
@@ -9,18 +9,76 @@ and converts tensors in both directions, one tensor at a time, so converters can
 - 'conv':   PyTorch OIHW <-> our HWIO
 - stacked layer parameters: one HF key per layer <-> our leading L axis.
 
-Other key layouts (older `vision_tower.vision_model.*`, CLIP or Vicuna repos, the original
-`mm_projector`) are renamings of these canonical keys and live with the converters.
+`canonical_key` renames every other layout the reference produced to those canonical names:
+
+- older llava-hf files: `vision_tower.vision_model.*`
+- in-memory transformers names: `model.language_model.*`, `model.vision_tower.*`,
+  `model.multi_modal_projector.*`, `lm_head.weight`
+- a CLIP repo: `vision_model.*` (CLIPModel, CLIPVisionModelWithProjection: the text model and the
+  contrastive heads are ignored), or bare `embeddings.*`, `encoder.layers.*`, `pre_layrnorm.*`,
+  `post_layernorm.*` (CLIPVisionModel saved by transformers 5)
+- a LLaMA/Vicuna repo: `model.*`, `lm_head.weight`
+- original LLaVA projectors: `model.mm_projector.{0,2,...}.*` or `mm_projector.{0,2,...}.*`
+  (Sequential of Linear/GELU: Linear k sits at index 2(k-1)) and `mm_projector.{weight,bias}` (linear)
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 from llava_jax.models.config import LlavaConfig, config_from_any
 from llava_jax.models.projector import projector_depth
+
+# ----- stored names -> canonical names -----------------------------------------------------
+
+# (pattern, replacement), first match wins; applied to the key as stored in the file.
+_RENAMES = [
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\."), "vision_tower."),  # original LLaVA
+    (re.compile(r"^model\.vision_tower\.vision_model\."), "vision_tower."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+    (re.compile(r"^vision_model\."), "vision_tower."),
+    # CLIPVisionModel as transformers 5 saves it: the vision_model's keys with no prefix
+    (re.compile(r"^(?=(?:embeddings|encoder|pre_layrnorm|post_layernorm)\.)"), "vision_tower."),
+    (re.compile(r"^lm_head\.weight$"), "language_model.lm_head.weight"),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),  # LlavaNext in memory
+]
+_MM_PROJECTOR = re.compile(r"^(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$")
+_LLAMA = re.compile(r"^model\.")
+
+# Keys that carry no parameter of ours: CLIP's text side and heads, non-persistent buffers.
+_IGNORED = re.compile(
+    r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)"
+    r"|\.position_ids$|\.rotary_emb\.inv_freq$")
+
+
+
+def canonical_key(key: str) -> Optional[str]:
+    """The llava-hf name of a stored key, or None for a key that holds nothing we load."""
+    if _IGNORED.search(key):
+        return None
+    m = _MM_PROJECTOR.match(key)
+    if m:
+        index, kind = m.groups()
+        if index is None:  # mm_projector_type 'linear': a bare nn.Linear
+            return f"multi_modal_projector.linear_1.{kind}"
+        if int(index) % 2:  # odd entries of the Sequential are GELUs, which hold no weights
+            return key
+        return f"multi_modal_projector.linear_{int(index) // 2 + 1}.{kind}"
+    for pattern, replacement in _RENAMES:
+        if pattern.search(key):
+            return pattern.sub(replacement, key, count=1)
+    if _LLAMA.search(key):
+        return "language_model." + key
+    return key
+
+
+# ----- canonical names <-> our parameters ----------------------------------------------------
 
 _TO_OURS = {None: lambda a: a, "linear": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0)}
 _TO_HF = {None: lambda a: a, "linear": lambda a: a.T, "conv": lambda a: a.transpose(3, 2, 0, 1)}
