@@ -1,6 +1,6 @@
 """The quickstart: its data path, the CLIP-style tower, the stage-1 alignment, the fast recipe end to end
-(answering through chat exactly as the evaluation did), and the accuracy target of issue #14 (slow,
-expected to fail until it is met)."""
+(answering through chat exactly as the evaluation did), and the accuracy target of issue #14 (slow:
+the full default run for three seeds)."""
 import json
 import os
 import subprocess
@@ -98,14 +98,13 @@ def test_alignment_targets_spell_each_quadrant_in_words():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue #14: the default recipe on SmolLM2 answers 0.77-0.83 of the held-out questions "
-                          "(position and count questions the weakest) in ~10 minutes on 2 cores: not reliably "
-                          ">= 0.80 with every type >= 0.60 within 10 minutes", strict=False)
-def test_quickstart_reaches_the_accuracy_target(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quickstart_reaches_the_accuracy_target(tmp_path, seed):
+    """Issue #14's bar for the full default run, for several seeds (~9 minutes each on 2 cores)."""
     from llava_jax.quickstart import main
 
     out = tmp_path / "qs"
-    assert main(["--quiet", "--out", str(out)]) == 0
+    assert main(["--quiet", "--out", str(out), "--seed", str(seed)]) == 0
     report = json.load(open(out / "report.json"))
     assert report["accuracy"] >= 0.80, report["accuracy_by_type"]
     assert min(report["accuracy_by_type"].values()) >= 0.60, report["accuracy_by_type"]

@@ -12,7 +12,7 @@ words about the quadrant: its object's colour, its shape, and the two words of i
 quadrant says "no object" instead of colour and shape). Read in LLaVA's raster order the image then
 comes to the language model as "red circle blue square top left top right green triangle no object
 bottom left bottom right": text it already reads, which is what makes stage 2 short (with these exact
-word embeddings in place of the image, SmolLM2 fine-tuned like stage 2 for 48 steps answers 0.89 of
+word embeddings in place of the image, SmolLM2 fully fine-tuned for 48 steps answers 0.89 of
 the held-out questions).
 
 Unlike LLaVA, this stage also trains the vision tower (CLIP-pretrained for only ~100 steps). An

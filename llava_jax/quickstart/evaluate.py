@@ -13,18 +13,19 @@ import os
 
 from llava_jax.data import synthetic as S
 from llava_jax.datagen.prompts import DETAIL_INSTRUCTIONS
-from llava_jax.eval.answering import answer_all, load_chat_model
+from llava_jax.eval.answering import answer_all
 
 DESCRIBE = DETAIL_INSTRUCTIONS[0]
 # Every answer of this world is at most two words ("bottom right" + <|im_end|> is 3 SmolLM2 tokens).
 MAX_ANSWER_TOKENS = 5
+BATCH_SIZE = 64  # rows decoded side by side (the slot engine's max_batch)
 
 
 def chance_by_type() -> dict:
     return {t: S.chance_accuracy(t) for t in S.QUESTION_OPTIONS}
 
 
-def question_accuracy(chat, scenes, image_folder: str, *, shown=None, batch_size: int = 64,
+def question_accuracy(chat, scenes, image_folder: str, *, shown=None, batch_size: int = BATCH_SIZE,
                       progress: bool = True) -> dict:
     """Every canonical question of every scene -> accuracy overall and by type, and the answers.
 
@@ -48,7 +49,8 @@ def question_accuracy(chat, scenes, image_folder: str, *, shown=None, batch_size
             "num_questions": dict(total), "answers": answers}
 
 
-def description_scores(chat, scenes, image_folder: str, *, batch_size: int = 64, progress: bool = True) -> dict:
+def description_scores(chat, scenes, image_folder: str, *, batch_size: int = BATCH_SIZE,
+                       progress: bool = True) -> dict:
     """Object precision / recall of generated descriptions ('<colour> <shape>' mentions vs the truth)."""
     replies = answer_all(chat, [DESCRIBE] * len(scenes), [os.path.join(image_folder, s.file_name) for s in scenes],
                          batch_size=batch_size, max_new_tokens=80, progress=progress, desc="descriptions")
@@ -68,11 +70,11 @@ def other_scenes(scenes) -> list:
     return list(scenes[1:]) + list(scenes[:1])
 
 
-def evaluate(ckpt: str, scenes, image_folder: str, *, num_describe: int = 0, num_other_image: int = 0,
+def evaluate(chat, scenes, image_folder: str, *, num_describe: int = 0, num_other_image: int = 0,
              progress: bool = True) -> dict:
-    """Accuracy on `scenes`; with num_other_image, also result["other_image"]: the questions of the
-    first num_other_image scenes asked about another scene's image."""
-    chat = load_chat_model(ckpt)
+    """Accuracy of `chat` (a loaded ChatModel, `load_chat_model(ckpt)`) on `scenes`; with
+    num_other_image, also result["other_image"]: the questions of the first num_other_image scenes
+    asked about another scene's image."""
     result = question_accuracy(chat, scenes, image_folder, progress=progress)
     if num_other_image:
         some = list(scenes[:num_other_image])

