@@ -11,7 +11,7 @@ the medians reported. Roofline at batch 1: a decode step must read every LLM wei
 floor is (weight bytes, in the row's weight dtype) / (memory read bandwidth measured in the same run).
 
 Rows: transformers; llava-jax (fp32); llava-jax with bf16 / int8 language-model kernels
-(`Generator(weights_dtype=...)`, llava_jax/infer/weights.py) and their prompt-logit error vs fp32;
+(`Generator(weights_dtype=...)`, llava_jax/models/layout.py) and their prompt-logit error vs fp32;
 llava-jax with bf16 compute (config.dtype, fp32 parameters).
 
   .venv/bin/python benchmarks/generate_speed.py [--rounds 3] [--batches 1,8] [--weights bfloat16,int8]
@@ -70,7 +70,7 @@ class Torch:
 
 
 def decode_weight_bytes(ours: "Ours") -> int:
-    from llava_jax.infer.weights import weight_bytes
+    from llava_jax.models.layout import weight_bytes
 
     return weight_bytes(ours.model)
 

@@ -1,7 +1,8 @@
 """Render benchmarks/results/*.json as Markdown tables (pasted into BENCHMARKS.md, so that every
 figure there is the one a run wrote, not a transcription).
 
-  .venv/bin/python benchmarks/report.py [train_throughput generate_speed data_pipeline aot_memory]
+  .venv/bin/python benchmarks/report.py [train_throughput train_throughput_blocked generate_speed data_pipeline
+      aot_memory]
 """
 from __future__ import annotations
 
@@ -43,8 +44,15 @@ def train(d):
     print(f"\nStep FLOPs {d['step_flops'] / 1e9:.1f} GFLOP; fp32 matmul peak (jitted 2048^2 matmul loop, median of "
           f"per-round probes) {d['jax_matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
           f"(torch 2 threads: {d['torch_matmul_peak_flops'] / 1e9:.1f} GFLOP/s).\n")
-    print(table(d["rows"], ["impl", "remat", "dtype", "step_s", "tokens_per_s", "vs_torch", "mfu"],
-                ["implementation", "remat", "dtype", "s/step (median)", "tokens/s", "vs PyTorch", "MFU"]))
+    columns = ["impl", "remat", "dtype", "step_s", "tokens_per_s", "vs_torch", "mfu"]
+    headers = ["implementation", "remat", "dtype", "s/step (median)", "tokens/s", "vs PyTorch", "MFU"]
+    if any("attention" in r for r in d["rows"]):  # runs since the blocked causal attention
+        columns.insert(3, "attention")
+        headers.insert(3, "attention")
+    if any("cpu_s" in r for r in d["rows"]):  # process CPU-seconds per step (shared machines)
+        columns += ["cpu_s", "vs_torch_cpu"]
+        headers += ["CPU-s/step (median)", "vs PyTorch (CPU-s)"]
+    print(table(d["rows"], columns, headers))
     if d.get("profile"):
         print()
         print(table(d["profile"], ["side", "part", "seconds"]))
@@ -103,7 +111,8 @@ def aot(d):
                 ["case", "microbatch", "peak GiB/chip", "fits", "compile s", "note"]))
 
 
-RENDER = {"train_throughput": train, "generate_speed": generate, "data_pipeline": data, "aot_memory": aot}
+RENDER = {"train_throughput": train, "train_throughput_blocked": train, "generate_speed": generate,
+          "data_pipeline": data, "aot_memory": aot}
 
 
 def main(argv=None) -> int:

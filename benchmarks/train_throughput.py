@@ -7,16 +7,24 @@ Both sides freeze the vision tower and run AdamW (clip 1.0, no weight decay) on 
   torch: requires_grad False on the vision tower, loss.backward(), clip_grad_norm_, AdamW.step()
   ours:  llava_jax.train.step.jit_train_step, stage 2 (projector + LLM trainable).
 Steps are timed interleaved (rounds of torch steps then our steps) so a change in machine load hits
-both sides alike; the table gives medians. MFU = the step's FLOPs (llava_jax.train.flops) / time /
-the fp32 matmul rate of a jitted 2048x2048 matmul loop measured in the same run.
+both sides alike; the table gives medians. Each step's process CPU time (all threads) is recorded
+beside its wall time: on a machine shared with other jobs, wall times swing with their load while
+CPU-seconds per step stay close to the work done, so `vs_torch_cpu` is the ratio to read there.
+MFU = the step's FLOPs (llava_jax.train.flops) / time / the fp32 matmul rate of a jitted 2048x2048
+matmul loop measured in the same run.
 
   .venv/bin/python benchmarks/train_throughput.py [--rounds 3 --steps 3] [--variants nothing_saveable,none]
       [--profile] [--batch 4 --seq 512] [--json PATH]
+
+A variant is `remat[:dtype[:attention]]`, e.g. `nothing_saveable:float32:xla` (dense attention)
+beside `nothing_saveable:float32:auto` (on CPU: the blocked causal attention that skips fully masked
+blocks, llava_jax.models.layers.blocked_causal_attention) times both in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import _common as C  # noqa: E402  (sets JAX_PLATFORMS before jax is imported)
 
@@ -193,6 +201,14 @@ class TorchRunner:
 
 # ----- main ---------------------------------------------------------------------------------------
 
+def _timed_step(wall: list, cpu: list, fn) -> None:
+    """Append one call's wall seconds and this process's CPU seconds (all threads); fn blocks."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
@@ -200,13 +216,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torch steps, then ours)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     ap.add_argument("--variants", default="nothing_saveable,dots_saveable,none",
-                    help="our remat policies to time, comma-separated; 'X:bfloat16' also sets the dtype")
+                    help="our remat policies to time, comma-separated; 'X:bfloat16' also sets the dtype, "
+                         "'X:float32:xla' also the attention_impl (auto | xla | xla_blocked)")
     ap.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa | eager)")
     ap.add_argument("--profile", action="store_true", help="also time the step's parts on both sides")
     ap.add_argument("--small", action="store_true", help="smoke test: a tiny model")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    from llava_jax.models.layers import resolve_attention_impl
     from llava_jax.train.flops import step_flops
 
     torch.set_num_threads(2)
@@ -223,36 +241,45 @@ def main(argv=None) -> int:
     torch_runner = TorchRunner(base, batch, args.attn)
     variants = {}
     for v in args.variants.split(","):
-        policy, _, dtype = v.partition(":")
-        cfg = base.replace(remat_policy=policy, dtype=dtype or base.dtype)
+        policy, dtype, attention = (v.split(":") + ["", ""])[:3]
+        cfg = base.replace(remat_policy=policy, dtype=dtype or base.dtype,
+                           attention_impl=attention or base.attention_impl)
         runner = OursRunner(cfg, batch)
         runner.step()  # compile + first step
         variants[v] = (cfg, runner)
     torch_runner.step()  # warm-up (allocator, thread pool)
 
     times = {"torch": []} | {v: [] for v in variants}
+    cpu_times = {"torch": []} | {v: [] for v in variants}
     losses = {}
     peaks = [peak]
     for r in range(args.rounds):
         peaks.append(C.jax_matmul_peak(repeats=3))  # the peak too drifts with the machine's load
-        times["torch"] += C.time_calls(lambda: losses.__setitem__("torch", torch_runner.step()), args.steps)
+        for _ in range(args.steps):
+            _timed_step(times["torch"], cpu_times["torch"], lambda: losses.__setitem__("torch", torch_runner.step()))
         for v, (_, runner) in variants.items():
-            times[v] += C.time_calls(lambda: losses.__setitem__(v, runner.step()), args.steps)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {C.median(t):.3f}s" for k, t in times.items())
+            for _ in range(args.steps):
+                _timed_step(times[v], cpu_times[v], lambda: losses.__setitem__(v, runner.step()))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {C.median(t):.3f}s ({C.median(cpu_times[k]):.2f} "
+                                                          f"CPU-s)" for k, t in times.items())
               + f"  load {C.load_average()[0]:.2f}")
 
     flops = step_flops(base, 2, args.batch, args.seq, 1).total
     peak = C.median(peaks)
-    t_torch = C.median(times["torch"])
+    t_torch, c_torch = C.median(times["torch"]), C.median(cpu_times["torch"])
     rows = [dict(impl=f"transformers {info.get('transformers', '')} ({args.attn})", remat="-", dtype="float32",
+                 attention=args.attn, cpu_s=c_torch, vs_torch_cpu=1.0,
                  step_s=t_torch, tokens_per_s=tokens / t_torch, vs_torch=1.0,
                  mfu=flops / t_torch / peak, last_loss=losses["torch"])]
     for v, (cfg, _) in variants.items():
-        t = C.median(times[v])
-        rows.append(dict(impl="llava-jax train step", remat=cfg.remat_policy, dtype=cfg.dtype, step_s=t,
+        t, c = C.median(times[v]), C.median(cpu_times[v])
+        attention = resolve_attention_impl(cfg.attention_impl, seq_len=args.seq, causal=True)
+        rows.append(dict(impl="llava-jax train step", remat=cfg.remat_policy, dtype=cfg.dtype, attention=attention,
+                         step_s=t, cpu_s=c, vs_torch_cpu=c_torch / c,
                          tokens_per_s=tokens / t, vs_torch=t_torch / t, mfu=flops / t / peak,
                          last_loss=losses[v]))
-    C.print_table(rows, ["impl", "remat", "dtype", "step_s", "tokens_per_s", "vs_torch", "mfu", "last_loss"],
+    C.print_table(rows, ["impl", "remat", "dtype", "attention", "step_s", "tokens_per_s", "vs_torch", "mfu",
+                         "cpu_s", "vs_torch_cpu", "last_loss"],
                   f"train step, batch {args.batch} x {args.seq} tokens, stage 2 (vision frozen)")
     print(f"step FLOPs {flops / 1e9:.1f} GFLOP; peak (jax fp32 matmul, median of {len(peaks)} probes) "
           f"{peak / 1e9:.1f} GFLOP/s; probes {[round(p / 1e9, 1) for p in peaks]}")
@@ -275,8 +302,9 @@ def main(argv=None) -> int:
         machine=info, batch=args.batch, seq=args.seq, tokens_per_step=tokens, step_flops=flops,
         jax_matmul_peak_flops=peak, jax_matmul_peaks_per_round=peaks, torch_matmul_peak_flops=torch_peak,
         rows=rows, profile=profile,
-        samples_per_s={r["impl"] + " " + r["remat"]: args.batch / r["step_s"] for r in rows},
-        raw_times=times, model=base.to_dict()), args.json)
+        samples_per_s={" ".join([r["impl"], r["remat"], r["dtype"], r["attention"]]): args.batch / r["step_s"]
+                       for r in rows},
+        raw_times=times, raw_cpu_times=cpu_times, model=base.to_dict()), args.json)
     return 0
 
 

@@ -50,7 +50,7 @@ def parse_args(argv):
                    "dots_with_no_batch_dims_saveable")
     p.add_argument("--max-length", type=int, default=0, help="tokens per row (default: the config's)")
     p.add_argument("--hbm-bytes", type=int, default=0, help="override the per-device HBM size")
-    p.add_argument("--attention", default="", choices=["", "auto", "xla", "splash"],
+    p.add_argument("--attention", default="", choices=["", "auto", "xla", "xla_blocked", "splash"],
                    help="attention implementation (default: the config's model.attention_impl)")
     p.add_argument("--no-cost", action="store_true",
                    help="skip the cost model (three extra compiles of 1-2 layer models)")

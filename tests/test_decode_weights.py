@@ -1,5 +1,5 @@
-"""The inference layout (unstacked decoder, per-layer KV cache updated in place) and the bf16/int8
-language-model weights of llava_jax.infer.weights."""
+"""The inference layout (llava_jax.models.layout: unstacked decoder, per-layer KV cache updated in
+place, fused projections, bf16/int8 language-model weights) and the pure conversions to it."""
 import importlib
 import re
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llava_jax.infer import weights as W
 from llava_jax.models import layers as L
+from llava_jax.models import layout as layout_lib
+from llava_jax.models.layout import TRAINING, DecoderLayout
 from llava_jax.models.llama import LayerCache, extend_cache
-from llava_jax.models.llava import LlavaModel
+from llava_jax.models.llava import LlavaModel, with_layout
 from llava_jax.recipes.tiny import tiny_llava_config
 from llava_jax.testing import hf_reference as R
 
@@ -31,7 +32,7 @@ def reference_logits(model):
 
 
 def _unstacked_copy(model):
-    return nnx.merge(*nnx.split(model)).unstack_layers()
+    return with_layout(model, DecoderLayout(stacked=False))
 
 
 def _prompt(config, rows=2, length=14, seed=0):
@@ -49,7 +50,7 @@ def _prompt(config, rows=2, length=14, seed=0):
 
 def test_unstacked_layers_give_the_same_logits(model):
     unstacked = _unstacked_copy(model)
-    assert not model.language_model.layers_unstacked  # the original keeps its stacked layers
+    assert model.language_model.layout.stacked  # the original keeps its stacked layers
     ids, mask, pixels = _prompt(model.config)
     full = np.asarray(R.jitted(model)(ids, pixels, mask))
     np.testing.assert_allclose(np.asarray(R.jitted(unstacked)(ids, pixels, mask)), full, atol=1e-5, rtol=0)
@@ -94,8 +95,7 @@ def test_fused_projections_give_the_same_logits_and_cached_decode(model, referen
     """The generator's decode copy: q/k/v and gate/up as single matmuls, same values as separate."""
     from llava_jax.models.llama import FusedGatedMLP
 
-    fused = _unstacked_copy(model)
-    fused.language_model.fuse_projections()
+    fused = with_layout(model, DecoderLayout(stacked=False, fused=True))
     layer = fused.language_model.layers[0]
     text = model.config.text
     assert not hasattr(layer.self_attn, "q_proj") and isinstance(layer.mlp, FusedGatedMLP)
@@ -150,11 +150,11 @@ def test_light_weights_close_to_float32(model, reference_logits, dtype, max_rel_
     generator = gen.Generator(model, weights_dtype=dtype)
     light = nnx.merge(generator.graphdef, generator.state)
     layer = light.language_model.layers[0]
-    expected = W.Bf16Dense if dtype == "bfloat16" else W.Int8Dense
+    expected = L.Bf16Dense if dtype == "bfloat16" else L.Int8Dense
     assert isinstance(layer.self_attn.qkv_proj, expected) and isinstance(layer.mlp.gate_up_proj, expected)
     assert isinstance(layer.self_attn.o_proj, expected) and isinstance(light.language_model.lm_head, expected)
-    full_bytes = W.weight_bytes(_unstacked_copy(model))
-    assert W.weight_bytes(light) * shrink <= full_bytes
+    full_bytes = layout_lib.weight_bytes(_unstacked_copy(model))
+    assert layout_lib.weight_bytes(light) * shrink <= full_bytes
 
     ids, mask, pixels = _prompt(config, seed=1)
     ref = reference_logits
@@ -176,8 +176,8 @@ def test_tied_embeddings_get_a_converted_projection():
     config = tiny_llava_config()
     config = config.replace(text=dataclasses.replace(config.text, tie_word_embeddings=True))
     tied = LlavaModel(config, rngs=nnx.Rngs(1))
-    light = W.convert_language_weights(_unstacked_copy(tied), "int8")
-    assert isinstance(light.language_model.lm_head, W.Int8Dense)
+    light = with_layout(tied, DecoderLayout(stacked=False, weights="int8"))
+    assert isinstance(light.language_model.lm_head, L.Int8Dense)
     assert light.language_model.embed_tokens.embedding[...].dtype == jnp.float32  # lookups unchanged
     hidden = jax.random.normal(jax.random.key(3), (2, 3, config.text.hidden_size))
     ref = np.asarray(tied.language_model.logits(hidden))
@@ -188,5 +188,34 @@ def test_tied_embeddings_get_a_converted_projection():
 def test_weight_dtype_errors_name_the_choices(model):
     with pytest.raises(ValueError, match="unknown weights dtype 'fp8'.*bfloat16"):
         gen.Generator(model, weights_dtype="fp8")
-    with pytest.raises(ValueError, match="unstacked"):
-        W.convert_language_weights(nnx.merge(*nnx.split(model)), "int8")
+    light = DecoderLayout(stacked=False, weights="int8")
+    params = layout_lib.convert_params(nnx.to_pure_dict(nnx.state(model)), model.config.text, TRAINING, light)
+    with pytest.raises(ValueError, match="cannot convert int8 kernels to float32"):
+        layout_lib.convert_params(params, model.config.text, light, TRAINING)
+
+
+@pytest.mark.parametrize("target", [DecoderLayout(stacked=False), DecoderLayout(fused=True),
+                                    DecoderLayout(stacked=False, fused=True)])
+def test_layout_conversions_are_pure_and_invertible(model, target):
+    """training -> target -> training gives the parameters back exactly; the source dict is untouched."""
+    text = model.config.text
+    params = nnx.to_pure_dict(nnx.state(model))
+    before = jax.tree.map(np.asarray, params)
+    there = layout_lib.convert_params(params, text, TRAINING, target)
+    back = layout_lib.convert_params(there, text, target, TRAINING)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, before)
+    jax.tree.map(np.testing.assert_array_equal, params, before)
+    built = nnx.state(with_layout(model, target))  # the model built in that layout holds exactly that dict
+    assert jax.tree.structure(nnx.to_pure_dict(built)) == jax.tree.structure(there)
+
+
+def test_lora_models_refuse_fused_or_light_layouts_and_generate_merged():
+    from llava_jax.models.lora import LoraConfig
+
+    lora = LoraConfig(rank=2)
+    with pytest.raises(ValueError, match="merge the adapters"):
+        LlavaModel(tiny_llava_config(), rngs=nnx.Rngs(0), lora=lora, layout=DecoderLayout(stacked=False, fused=True))
+    adapted = LlavaModel(tiny_llava_config(), rngs=nnx.Rngs(0), lora=lora)
+    generator = gen.Generator(adapted)  # adapters merged into plain, fused kernels
+    assert nnx.merge(generator.graphdef, generator.state).language_model.lora is None

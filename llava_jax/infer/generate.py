@@ -29,7 +29,9 @@ from flax import nnx
 
 from llava_jax.data import anyres
 from llava_jax.models import llava_next
+from llava_jax.models.layout import DecoderLayout
 from llava_jax.models.llama import extend_cache
+from llava_jax.models.llava import with_layout
 
 # How often each jitted function body was traced (i.e. compiled), by name: tests read it to prove
 # that prompts of different lengths inside a bucket do not recompile.
@@ -378,31 +380,27 @@ def _per_row(value, rows: int, dtype, name: str) -> np.ndarray:
 class Generator:
     """A model prepared for generation: split once, optionally placed on a mesh.
 
-    The generator works on its own copy of the model with the decoder layers unstacked
-    (`LlavaModel.unstack_layers`: per-layer weights and KV-cache buffers, which a decode step reads
-    and updates in place); the caller's model is left as it is (its arrays are shared, except the
-    per-layer slices of the decoder weights).
+    The generator runs its own model, built in the inference layout (`llava_jax.models.layout`:
+    unstacked decoder layers, i.e. per-layer weights and KV-cache buffers, which a decode step reads
+    and updates in place) and filled with the caller's parameters converted to it
+    (`llava.with_layout`); the caller's model is left as it is (its arrays are shared, except the
+    per-layer decoder weights). A LoRA model's adapters are merged into its kernels first.
     `cache_growth`: new-token slots of the first cache and of each extension (at least `chunk_size`).
-    `fuse_projections` (default: when there is no mesh) makes each layer's q/k/v and gate/up
-    projections one matmul each (`LlamaModel.fuse_projections`).
-    `weights_dtype` 'bfloat16' or 'int8' converts the language model's matmul kernels
-    (`llava_jax.infer.weights`), for prefill and decode alike; 'float32' keeps them.
+    `fuse_projections` (default: when there is no mesh) builds each layer's q/k/v and gate/up
+    projections as one matmul each (`DecoderLayout.fused`).
+    `weights_dtype` 'bfloat16' or 'int8': the language model's matmul kernels held in that dtype
+    (`DecoderLayout.weights`), for prefill and decode alike; 'float32' keeps them.
     `Generator(model, mesh=mesh)` places the parameters with `llava_jax.sharding.state_shardings`
     and runs every jitted call under `jax.set_mesh(mesh)`.
     """
 
     def __init__(self, model, mesh=None, chunk_size: int = DEFAULT_CHUNK_SIZE, weights_dtype: str = "float32",
                  fuse_projections: Optional[bool] = None, cache_growth: int = DEFAULT_CACHE_GROWTH):
-        from llava_jax.infer.weights import convert_language_weights
-
         self.config = model.config
         self.weights_dtype = weights_dtype
-        model = nnx.merge(*nnx.split(model)).unstack_layers()
         fuse = mesh is None if fuse_projections is None else fuse_projections
-        if fuse:
-            model.language_model.fuse_projections()
-        model = convert_language_weights(model, weights_dtype)
-        self.graphdef, state = nnx.split(model)
+        layout = DecoderLayout(stacked=False, fused=fuse, weights=weights_dtype)
+        self.graphdef, state = nnx.split(with_layout(model, layout, merge_adapters=True))
         self.mesh = mesh
         if mesh is not None:
             from llava_jax.sharding import state_shardings

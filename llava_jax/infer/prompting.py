@@ -255,7 +255,7 @@ class ChatModel:
         """dtype: compute dtype override ('bfloat16' on TPU); param_dtype: 'bfloat16' halves the
         parameter memory for inference; mesh: shard the parameters over it; weights_dtype:
         'bfloat16' or 'int8' converts the language model's matmul kernels for generation
-        (`llava_jax.infer.weights`; faster decoding on CPU, slightly different logits); adapter: a
+        (`llava_jax.models.layout`; faster decoding on CPU, slightly different logits); adapter: a
         LoRA training workdir or peft adapter folder merged into `ckpt` (the base) as it loads."""
         from llava_jax.checkpoint import load_pretrained, load_tokenizer
         from llava_jax.infer.generate import DEFAULT_CHUNK_SIZE, Generator

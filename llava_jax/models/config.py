@@ -9,6 +9,8 @@ import dataclasses
 import json
 from typing import Any, Optional, Union
 
+# `LlavaConfig.attention_impl`; llava_jax.models.layers.resolve_attention_impl says what each runs.
+ATTENTION_IMPL_NAMES = ("auto", "xla", "xla_blocked", "splash")
 _FEATURE_STRATEGIES = {"default": "default", "patch": "default", "full": "full", "cls_patch": "full"}
 
 
@@ -100,7 +102,8 @@ class LlavaConfig:
     pad_token_id: int = 0
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat_policy: str = "nothing_saveable"  # see llava_jax.models.layers.REMAT_POLICIES
-    # 'auto' (splash kernel on TPU, XLA's attention elsewhere) | 'xla' | 'splash'; see models/splash.py
+    # 'auto' (splash kernel on TPU; elsewhere XLA's attention, skipping fully masked causal blocks
+    # from 2 query blocks on) | 'xla' (dense) | 'xla_blocked' | 'splash'; see layers.resolve_attention_impl
     attention_impl: str = "auto"
     # LLaVA-1.6 AnyRes: the (height, width) grids an image may be tiled into (None: one image = one
     # tile, LLaVA-1/1.5). See llava_jax.data.anyres and llava_jax.models.llava_next.
@@ -115,8 +118,9 @@ class LlavaConfig:
                 f"unknown vision_feature_select_strategy {self.vision_feature_select_strategy!r}; "
                 f"expected one of {sorted(_FEATURE_STRATEGIES)}")
         object.__setattr__(self, "vision_feature_select_strategy", strategy)
-        if self.attention_impl not in ("auto", "xla", "splash"):
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected 'auto', 'xla' or 'splash'")
+        if self.attention_impl not in ATTENTION_IMPL_NAMES:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; "
+                             f"expected one of {list(ATTENTION_IMPL_NAMES)}")
         if self.image_grid_pinpoints is not None:
             self._check_anyres()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax import sharding
+from llava_jax.models.config import ATTENTION_IMPL_NAMES
 
 Axes = tuple  # logical axis names, one per array dimension
 
@@ -69,6 +71,67 @@ def quantize_int8(kernel):
     scale = jnp.where(scale == 0, 1.0, scale)
     q = jnp.clip(jnp.round(kernel / scale[..., None, :]), -127, 127).astype(jnp.int8)
     return q, scale.astype(jnp.float32)
+
+
+# Lighter decoder kernels for generation (`layout.DecoderLayout.weights`). Both compute a single-row
+# matmul as a two-row one: XLA's CPU backend sends a 1-row product with non-float32 operands to a
+# slow matrix-vector routine (tens of times slower than the 2-row product on the benchmark CPU).
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _rows_matmul(x, kernel, preferred):
+    """x (..., in) @ kernel (in, out) with the leading dims flattened, at least two rows."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    single = rows.shape[0] == 1
+    if single:
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    y = jnp.dot(rows, kernel, preferred_element_type=preferred)
+    if single:
+        y = y[:1]
+    return y.reshape(*lead, kernel.shape[-1])
+
+
+class Bf16Dense(nnx.Module):
+    """A bias-free Dense whose kernel is stored in bfloat16; bfloat16 x bfloat16 products
+    accumulated in float32."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, dtype=jnp.float32, rngs: nnx.Rngs):
+        kernel = normal_init()(rngs.params(), (in_features, out_features), jnp.float32)
+        self.kernel = nnx.Param(kernel.astype(jnp.bfloat16), out_sharding=tuple(axes))
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return _rows_matmul(x.astype(jnp.bfloat16), self.kernel[...], jnp.float32).astype(self.dtype)
+
+
+class Int8Dense(nnx.Module):
+    """A bias-free Dense with an int8 kernel and one float32 `scale` per output channel
+    (`quantize_int8`); the input is quantized per row on the fly (max |x| / 127), an int8 x int8 ->
+    int32 matmul follows, then both scales. XLA's CPU backend runs that matmul on the VNNI int8
+    units; a weight-only int8 kernel (converted to bf16/f32 before the matmul) measured no faster
+    than float32 on the benchmark CPU, because the conversion is not fused into the matmul."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, dtype=jnp.float32, rngs: nnx.Rngs):
+        kernel, scale = quantize_int8(normal_init()(rngs.params(), (in_features, out_features), jnp.float32))
+        self.kernel = nnx.Param(kernel, out_sharding=tuple(axes))
+        self.scale = nnx.Param(scale, out_sharding=tuple(axes[1:]))
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        x_scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+        x_scale = jnp.where(x_scale > 0, x_scale, 1.0)
+        xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
+        y = _rows_matmul(xq, self.kernel[...], jnp.int32).astype(jnp.float32)
+        return (y * x_scale * self.scale[...]).astype(self.dtype)
+
+
+def dense(in_features: int, out_features: int, *, axes: Axes, weights: str = "float32", dtype=jnp.float32,
+          rngs: nnx.Rngs):
+    """A bias-free projection whose kernel is held as `weights` (WEIGHT_DTYPES): Dense, Bf16Dense or Int8Dense."""
+    kind = {"float32": Dense, "bfloat16": Bf16Dense, "int8": Int8Dense}[weights]  # checked by DecoderLayout
+    return kind(in_features, out_features, axes=axes, dtype=dtype, rngs=rngs)
 
 
 class Embed(nnx.Module):
@@ -157,10 +220,12 @@ class FeedForward(nnx.Module):
 class GatedMLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases (the LLaMA MLP)."""
 
-    def __init__(self, features: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.gate_proj = Dense(features, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Dense(features, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Dense(hidden, features, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+    def __init__(self, features: int, hidden: int, *, weights: str = "float32", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(weights=weights, dtype=dtype, rngs=rngs)  # weights: how the kernels are held (`dense`)
+        self.gate_proj = dense(features, hidden, axes=("embed", "mlp"), **kw)
+        self.up_proj = dense(features, hidden, axes=("embed", "mlp"), **kw)
+        self.down_proj = dense(hidden, features, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
         h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -215,9 +280,18 @@ def attention_mask(q_segment, kv_segment, q_index=None, kv_index=None):
     return mask
 
 
-# model config `attention_impl`: 'auto' is the splash kernel on TPU and XLA's dense attention
-# elsewhere; 'xla' / 'splash' force one (splash off TPU runs the kernel in interpret mode: tests).
-ATTENTION_IMPLS = ("auto", "xla", "splash")
+# model config `attention_impl`: 'auto' is the splash kernel on TPU; elsewhere XLA's attention,
+# blocked (`blocked_causal_attention`: the fully masked causal blocks are never computed) for causal
+# calls of at least two query blocks, dense otherwise. 'xla' (dense), 'xla_blocked' and 'splash'
+# force one (splash off TPU runs the kernel in interpret mode: tests; 'xla_blocked' is dense for
+# non-causal calls, where no block is ever fully masked).
+ATTENTION_IMPLS = ATTENTION_IMPL_NAMES
+
+# Query block of the blocked XLA attention. Query block i multiplies with keys [0, end of block i):
+# with n blocks it computes (n + 1) / 2n of the dense scores. One layer's attention fwd+bwd at
+# 4 x 512 tokens, 8 heads of 64, fp32 on the 2-core AMD EPYC of BENCHMARKS.md: 0.21 CPU-s dense,
+# 0.13 / 0.12 / 0.14 with blocks of 64 / 128 / 256 (smaller blocks: more, smaller matmuls).
+QUERY_BLOCK = 128
 
 
 def _platform() -> str:
@@ -229,30 +303,38 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def resolve_attention_impl(impl: str) -> str:
-    """'auto' | 'xla' | 'splash' -> 'xla' or 'splash' for the platform being traced for."""
+def resolve_attention_impl(impl: str, *, seq_len: int = 0, causal: bool = False) -> str:
+    """'auto' | 'xla' | 'xla_blocked' | 'splash' -> the implementation of one self-attention call of
+    seq_len tokens: 'splash' (TPU), 'xla_blocked' (causal and >= 2 query blocks), else 'xla'."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; expected one of {list(ATTENTION_IMPLS)}")
     if impl == "auto":
-        return "splash" if _platform() == "tpu" else "xla"
+        if _platform() == "tpu":
+            return "splash"
+        return "xla_blocked" if causal and seq_len >= 2 * QUERY_BLOCK else "xla"
+    if impl == "xla_blocked" and not causal:
+        return "xla"
     return impl
 
 
 @dataclasses.dataclass(frozen=True)
 class SegmentMask:
-    """The self-attention mask as data for a kernel that applies it block by block (splash):
-    token q sees k iff segment[q] == segment[k] != 0, and k <= q when causal. segment_ids (B, S)
-    or None (one segment)."""
+    """The self-attention mask as data for an implementation that applies it block by block (the
+    splash kernel, or `blocked_causal_attention` when `kernel` is 'xla_blocked'): token q sees k iff
+    segment[q] == segment[k] != 0, and k <= q when causal. segment_ids (B, S) or None (one segment)."""
     segment_ids: Optional[jax.Array]
     causal: bool
+    kernel: str = "splash"
 
 
 def self_attention_mask(segment_ids, *, causal: bool, impl: str = "auto"):
     """The `mask` argument of `dot_product_attention` for self-attention over segment_ids (B, S)
-    (None: every token is real): a dense (B, S, S) boolean mask (or None) for XLA's attention, a
-    `SegmentMask` that routes the call to the splash kernel."""
-    if resolve_attention_impl(impl) == "splash":
-        return SegmentMask(segment_ids, causal)
+    (None: every token is real): a dense (B, S, S) boolean mask (or None) for XLA's dense attention,
+    a `SegmentMask` that routes the call to the splash kernel or to the blocked causal attention."""
+    seq_len = 0 if segment_ids is None else segment_ids.shape[1]
+    kernel = resolve_attention_impl(impl, seq_len=seq_len, causal=causal)
+    if kernel != "xla":
+        return SegmentMask(segment_ids, causal, kernel)
     if segment_ids is None:
         if not causal:
             return None
@@ -263,7 +345,8 @@ def self_attention_mask(segment_ids, *, causal: bool, impl: str = "auto"):
 
 def dot_product_attention(q, k, v, mask=None):
     """q (B, S, H, hd); k, v (B, T, KVH, hd) with H a multiple of KVH (GQA); mask (B, S, T), None,
-    or a `SegmentMask` (then the splash kernel computes it, see llava_jax/models/splash.py).
+    or a `SegmentMask` (then the splash kernel, see llava_jax/models/splash.py, or
+    `blocked_causal_attention` computes it).
 
     Logits and softmax in float32. Fully masked rows (padding queries) give finite garbage that the
     caller never uses.
@@ -274,21 +357,111 @@ def dot_product_attention(q, k, v, mask=None):
     the autodiff backward of the einsum form ~2x the cost of this one.
     """
     if isinstance(mask, SegmentMask):
+        if mask.kernel == "xla_blocked":
+            return blocked_causal_attention(q, k, v, mask.segment_ids)
         from llava_jax.models import splash  # Pallas: imported only when the kernel is used
 
         return splash.splash_attention(q, k, v, mask.segment_ids, causal=mask.causal,
                                        interpret=_platform() != "tpu")
     b, s, h, hd = q.shape
-    t, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    qh = q.reshape(b, s, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, hd)
-    kt = k.transpose(0, 2, 3, 1)  # (B, KVH, hd, T)
-    vh = v.transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
+    kvh = k.shape[2]
     rows = None
-    if mask is not None:  # row g * S + s of a KV head's queries uses mask[:, s]
-        rows = jnp.broadcast_to(mask[:, None, None], (b, 1, g, s, t)).reshape(b, 1, g * s, t)
-    out = _attention_core(qh, kt, vh, rows)
-    return out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)
+    if mask is not None:
+        rows = _group_rows(mask, h // kvh)
+    out = _attention_core(_heads_first(q, kvh), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), rows)
+    return _heads_last(out, s)
+
+
+def blocked_causal_attention(q, k, v, segment_ids=None, *, block: Optional[int] = None):
+    """Causal self-attention that skips the fully masked blocks: q (B, S, H, hd); k, v (B, S, KVH, hd);
+    segment_ids (B, S) int (0 = padding; None = one segment) -> (B, S, H, hd).
+
+    Query block i (`block` tokens, default QUERY_BLOCK; the last one may be shorter) attends to the
+    key prefix [0, end of block i) with the dense path's mask and products: a static Python loop, so
+    each block is its own pair of matmuls with static shapes. The keys a prefix leaves out are
+    exactly those the causal mask removes, whose probabilities are exactly 0 in the dense softmax:
+    values and gradients equal `dot_product_attention` with the dense mask up to the order of
+    float32 sums (tests/test_blocked_attention.py). The key/value gradients of all blocks add up in
+    float32 and round to the input dtype once, as the dense backward's do. Fully masked (padding)
+    rows give finite garbage, as there; no real token reads it.
+    """
+    b, s = q.shape[:2]
+    if k.shape[1] != s:
+        raise ValueError(f"blocked causal attention is self-attention: {s} queries but {k.shape[1]} keys")
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, s), jnp.int32)
+    return _blocked_core(q, k, v, segment_ids, block or QUERY_BLOCK)
+
+
+def _query_blocks(s: int, block: int):
+    return [(start, min(start + block, s)) for start in range(0, s, block)]
+
+
+def _block_inputs(q, kt, vh, segment_ids, start, end):
+    """Query block [start, end) heads-first, the key/value prefix [0, end) and its (B, 1, G*n, end) mask."""
+    kvh = kt.shape[1]
+    slots = jnp.arange(end)
+    mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end], slots[start:], slots)
+    return (_heads_first(q[:, start:end], kvh), kt[..., :end], vh[:, :, :end],
+            _group_rows(mask, q.shape[2] // kvh))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_core(q, k, v, segment_ids, block):
+    return _blocked_core_fwd(q, k, v, segment_ids, block)[0]
+
+
+def _blocked_core_fwd(q, k, v, segment_ids, block):
+    kt, vh = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (B, KVH, hd, S), (B, KVH, S, hd)
+    outs, saved = [], []
+    for start, end in _query_blocks(q.shape[1], block):
+        qh, kt_i, vh_i, rows = _block_inputs(q, kt, vh, segment_ids, start, end)
+        probs = _attention_probs(qh, kt_i, rows)
+        out = jnp.matmul(probs.astype(vh.dtype), vh_i)
+        outs.append(_heads_last(out, end - start))
+        saved.append((probs, out))
+    return jnp.concatenate(outs, axis=1), (q, k, v, segment_ids, saved)
+
+
+def _blocked_core_bwd(block, residuals, d_out):
+    q, k, v, segment_ids, saved = residuals
+    b, s, _, hd = q.shape
+    kvh = k.shape[2]
+    kt, vh = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    d_q = []
+    d_kt = jnp.zeros((b, kvh, hd, s), jnp.float32)
+    d_vt = jnp.zeros((b, kvh, hd, s), jnp.float32)
+    for (start, end), (probs, out) in zip(_query_blocks(s, block), saved):
+        qh, kt_i, vh_i, rows = _block_inputs(q, kt, vh, segment_ids, start, end)
+        d_out_i = _heads_first(d_out[:, start:end], kvh)
+        dq_i, dkt_i, dvt_i = _attention_grads(qh, kt_i, vh_i, rows, probs, out, d_out_i)
+        d_q.append(_heads_last(dq_i.astype(q.dtype), end - start))
+        d_kt = d_kt.at[..., :end].add(dkt_i)
+        d_vt = d_vt.at[..., :end].add(dvt_i)
+    return (jnp.concatenate(d_q, axis=1), d_kt.transpose(0, 3, 1, 2).astype(k.dtype),
+            d_vt.transpose(0, 3, 1, 2).astype(v.dtype), None)
+
+
+_blocked_core.defvjp(_blocked_core_fwd, _blocked_core_bwd)
+
+
+def _heads_first(q, kvh):
+    """(B, S, H, hd) -> (B, KVH, G*S, hd): row g * S + s holds query head kvh_index * G + g at s."""
+    b, s, h, hd = q.shape
+    return q.reshape(b, s, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, h // kvh * s, hd)
+
+
+def _heads_last(out, s):
+    """(B, KVH, G*S, hd) -> (B, S, H, hd), the inverse of `_heads_first`."""
+    b, kvh, gs, hd = out.shape
+    g = gs // s
+    return out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, kvh * g, hd)
+
+
+def _group_rows(mask, g):
+    """mask (B, S, T) -> (B, 1, G*S, T): row g * S + s of a KV head's queries uses mask[:, s]."""
+    b, s, t = mask.shape
+    return jnp.broadcast_to(mask[:, None, None], (b, 1, g, s, t)).reshape(b, 1, g * s, t)
 
 
 def _attention_probs(qh, kt, rows):
@@ -311,9 +484,19 @@ def _attention_core_fwd(qh, kt, vh, rows):
 
 
 def _attention_core_bwd(residuals, d_out):
-    """The softmax gradient via delta = rowsum(d_out * out), an (S, hd) pass instead of (S, T), with
-    every product a canonical batched matmul (transposed operands are the small (S, hd) ones)."""
     qh, kt, vh, rows, probs, out = residuals
+    d_q, d_kt, d_vt = _attention_grads(qh, kt, vh, rows, probs, out, d_out)
+    return (d_q.astype(qh.dtype), d_kt.astype(kt.dtype), d_vt.swapaxes(-1, -2).astype(vh.dtype), None)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+def _attention_grads(qh, kt, vh, rows, probs, out, d_out):
+    """float32 (d_qh, d_kt, d_vt) of `_attention_core` (d_vt is (B, KVH, hd, T), like kt).
+
+    The softmax gradient via delta = rowsum(d_out * out), an (S, hd) pass instead of (S, T), with
+    every product a canonical batched matmul (transposed operands are the small (S, hd) ones)."""
     f32 = jnp.float32
     d_vt = jnp.matmul(d_out.swapaxes(-1, -2), probs.astype(d_out.dtype), preferred_element_type=f32)
     d_probs = jnp.matmul(d_out, vh.swapaxes(-1, -2), preferred_element_type=f32)
@@ -326,10 +509,7 @@ def _attention_core_bwd(residuals, d_out):
     scale = 1.0 / math.sqrt(qh.shape[-1])
     d_q = jnp.matmul(d_logits, kt.swapaxes(-1, -2), preferred_element_type=f32) * scale
     d_kt = jnp.matmul(qh.swapaxes(-1, -2), d_logits, preferred_element_type=f32) * scale
-    return (d_q.astype(qh.dtype), d_kt.astype(kt.dtype), d_vt.swapaxes(-1, -2).astype(vh.dtype), None)
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+    return d_q, d_kt, d_vt
 
 
 # ----- stacked layers -------------------------------------------------------------------------

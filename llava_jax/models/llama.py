@@ -15,6 +15,7 @@ from flax import nnx
 from llava_jax.models import layers as L
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.config import TextConfig
+from llava_jax.models.layout import TRAINING, DecoderLayout
 
 
 def default_segment_ids(input_ids, attention_mask=None, segment_ids=None):
@@ -83,25 +84,30 @@ def _heads_major(x):
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, lora=None):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, lora=None, layout: DecoderLayout = TRAINING):
         d, hd = cfg.hidden_size, cfg.head_dim
-        kw = dict(lora=lora, dtype=dtype, rngs=rngs)  # lora: a LoraConfig makes them LoraDense layers
-        self.q_proj = lora_lib.linear("q", d, cfg.num_heads * hd, axes=("embed", "heads"), **kw)
-        self.k_proj = lora_lib.linear("k", d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
-        self.v_proj = lora_lib.linear("v", d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        # lora: a LoraConfig makes them LoraDense layers; layout.weights: how plain kernels are held
+        kw = dict(lora=lora, weights=layout.weights, dtype=dtype, rngs=rngs)
+        if layout.fused:  # one (D, (H + 2 KVH) hd) projection, q, k, v columns in that order
+            self.qkv_proj = L.dense(d, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, axes=("embed", "heads"),
+                                    weights=layout.weights, dtype=dtype, rngs=rngs)
+        else:
+            self.q_proj = lora_lib.linear("q", d, cfg.num_heads * hd, axes=("embed", "heads"), **kw)
+            self.k_proj = lora_lib.linear("k", d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+            self.v_proj = lora_lib.linear("v", d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.o_proj = lora_lib.linear("o", cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        self.fused = layout.fused
         self.config = cfg
 
     def _project(self, x):
-        """q, k, v (B, S, *, hd); a decode copy (`LlamaModel.fuse_projections`) has one `qkv_proj`."""
+        """q, k, v (B, S, *, hd), from one `qkv_proj` in a fused layout."""
         cfg = self.config
         b, s, _ = x.shape
-        fused = getattr(self, "qkv_proj", None)
-        if fused is None:
+        if not self.fused:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            q, k, v = jnp.split(fused(x), [q_width, q_width + kv_width], axis=-1)
+            q, k, v = jnp.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
         return (q.reshape(b, s, cfg.num_heads, cfg.head_dim), k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim),
                 v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim))
 
@@ -125,13 +131,14 @@ class LlamaAttention(nnx.Module):
 
 
 class FusedGatedMLP(nnx.Module):
-    """The SwiGLU of `layers.GatedMLP` with gate and up as one (in, 2 * hidden) matmul: a decode
-    copy's MLP (`LlamaModel.fuse_projections`); one product over the concatenated kernel reads the
-    input once and pays one call instead of two."""
+    """The SwiGLU of `layers.GatedMLP` with gate and up as one (in, 2 * hidden) matmul (a fused
+    layout's MLP, `layout.DecoderLayout`): one product over the concatenated kernel reads the input
+    once and pays one call instead of two."""
 
-    def __init__(self, gate_up_proj, down_proj, hidden: int):
-        self.gate_up_proj = gate_up_proj
-        self.down_proj = down_proj
+    def __init__(self, features: int, hidden: int, *, weights: str = "float32", dtype, rngs: nnx.Rngs):
+        kw = dict(weights=weights, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = L.dense(features, 2 * hidden, axes=("embed", "mlp"), **kw)
+        self.down_proj = L.dense(hidden, features, axes=("mlp", "embed"), **kw)
         self.hidden = hidden
 
     def __call__(self, x):
@@ -139,24 +146,18 @@ class FusedGatedMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up)
 
 
-def _concat_dense(denses, axes) -> L.Dense:
-    """One bias-free Dense whose kernel is the column concatenation of `denses`' kernels."""
-    kernels = [d.kernel[...] for d in denses]
-    if any(d.bias is not None for d in denses):
-        raise ValueError("only bias-free Dense layers (the LLaMA ones) are fused")
-    fused = nnx.eval_shape(lambda: L.Dense(kernels[0].shape[0], sum(k.shape[1] for k in kernels), axes=axes,
-                                           dtype=denses[0].dtype, rngs=nnx.Rngs(0)))
-    fused.kernel = nnx.Param(jnp.concatenate(kernels, axis=1), out_sharding=tuple(axes))
-    return fused
-
-
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, lora=None):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, lora=None, layout: DecoderLayout = TRAINING):
         self.input_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs, lora=lora)
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, rngs=rngs, lora=lora, layout=layout)
         self.post_attention_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = (L.GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs) if lora is None else
-                    lora_lib.LoraGatedMLP(cfg.hidden_size, cfg.intermediate_size, lora=lora, dtype=dtype, rngs=rngs))
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        if layout.fused:
+            self.mlp = FusedGatedMLP(d, f, weights=layout.weights, dtype=dtype, rngs=rngs)
+        elif lora is not None:
+            self.mlp = lora_lib.LoraGatedMLP(d, f, lora=lora, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = L.GatedMLP(d, f, weights=layout.weights, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         x = L.constrain_act(x)
@@ -167,69 +168,35 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Embeddings, stacked decoder layers, final norm and LM head (absent when tied).
+    """Embeddings, decoder layers, final norm and LM head (absent when tied, unless light weights).
 
-    lora: a `lora.LoraConfig` builds the decoder projections as LoRA layers over a frozen base."""
+    lora: a `lora.LoraConfig` builds the decoder projections as LoRA layers over a frozen base.
+    layout: how the decoder is built (`layout.DecoderLayout`): stacked and scanned (training, the
+    default), or per-layer modules, fused projections and light kernels for generation."""
 
     def __init__(self, cfg: TextConfig, *, dtype="float32", remat_policy: str = "none", rngs: nnx.Rngs,
-                 lora=None, attention_impl: str = "auto"):
+                 lora=None, attention_impl: str = "auto", layout: DecoderLayout = TRAINING):
+        if lora is not None and (layout.fused or layout.weights != "float32"):
+            raise ValueError(f"LoRA layers are built unfused over their own base kernels, not in {layout}; "
+                             f"merge the adapters first (`lora.merged_params`)")
         dtype = L.resolve_dtype(dtype)
         self.config = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.attention_impl = attention_impl  # layers.ATTENTION_IMPLS; the KV-cache path is always XLA's
         self.lora = lora
+        self.layout = layout
         self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = L.create_stacked(lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r, lora=lora),
-                                       cfg.num_layers, rngs)
+
+        def layer(r):
+            return DecoderLayer(cfg, dtype=dtype, rngs=r, lora=lora, layout=layout)
+
+        self.layers = (L.create_stacked(layer, cfg.num_layers, rngs) if layout.stacked
+                       else nnx.List([layer(rngs) for _ in range(cfg.num_layers)]))
         self.norm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else L.Dense(
-            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
-
-    @property
-    def layers_unstacked(self) -> bool:
-        return isinstance(self.layers, nnx.List)
-
-    def unstack_layers(self):
-        """Replace the stacked decoder layers by a list of per-layer modules, in place.
-
-        For inference on CPU: XLA copies a layer's weights out of a stacked array before every
-        matmul (a slice feeding a dot is materialised), which doubles the memory traffic of a
-        decode step; per-layer arrays are read where they lie. The layers then run in a Python loop
-        (unrolled in the compiled program) and `init_cache` makes a per-layer `LayerCache` list.
-        Training keeps the stacked form (one scanned layer compiles once)."""
-        if self.layers_unstacked:
-            return self
-        cfg = self.config
-        values = nnx.to_pure_dict(nnx.state(self.layers))
-        unstacked = []
-        for i in range(cfg.num_layers):
-            layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=self.dtype, rngs=nnx.Rngs(0), lora=self.lora))
-            nnx.update(layer, jax.tree.map(lambda a: a[i], values))
-            unstacked.append(layer)
-        self.layers = nnx.List(unstacked)
-        return self
-
-    def fuse_projections(self):
-        """Per unstacked layer, in place: q/k/v become one `qkv_proj` and gate/up one `gate_up_proj`
-        (`FusedGatedMLP`), each a single matmul over column-concatenated kernels (same values, one
-        call and one read of the input instead of three or two: 4-7% of a batch-8 decode step on
-        the benchmark CPU)
-
-        Decode-only: the fused output axis mixes q, k and v columns, so a tensor-parallel mesh
-        would split it across their boundaries; the generator fuses only unsharded models."""
-        if not self.layers_unstacked:
-            raise ValueError("fuse_projections needs unstacked decoder layers (call unstack_layers() first)")
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if isinstance(mlp, FusedGatedMLP):
-                continue
-            attn.qkv_proj = _concat_dense([attn.q_proj, attn.k_proj, attn.v_proj], ("embed", "heads"))
-            del attn.q_proj, attn.k_proj, attn.v_proj
-            hidden = mlp.gate_proj.kernel.shape[1]
-            layer.mlp = FusedGatedMLP(_concat_dense([mlp.gate_proj, mlp.up_proj], ("embed", "mlp")),
-                                      mlp.down_proj, hidden)
-        return self
+        # tied: the table projects, unless the kernels are light (then a converted copy, `layout`)
+        self.lm_head = None if cfg.tie_word_embeddings and layout.weights == "float32" else L.dense(
+            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), weights=layout.weights, dtype=dtype, rngs=rngs)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -240,7 +207,7 @@ class LlamaModel(nnx.Module):
         x = L.constrain_act(x.astype(self.dtype))
         if cache is None:
             mask = L.self_attention_mask(segment_ids, causal=True, impl=self.attention_impl)
-            if self.layers_unstacked:
+            if not self.layout.stacked:
                 h = x
                 for layer in self.layers:
                     h = layer(h, positions, mask)[0]
@@ -256,7 +223,7 @@ class LlamaModel(nnx.Module):
         kv_segment = jax.lax.dynamic_update_slice(cache["segment"], segment_ids.astype(jnp.int32), (0, index))
         mask = L.attention_mask(segment_ids, kv_segment, index + jnp.arange(s), jnp.arange(kv_segment.shape[1]))
 
-        if self.layers_unstacked:
+        if not self.layout.stacked:
             # One buffer per layer, each written only at the new slots: with the cache donated to
             # the jitted caller, a decode step touches S slots per layer instead of the whole cache.
             h, layer_caches = x, []
@@ -278,12 +245,12 @@ class LlamaModel(nnx.Module):
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
         """Empty cache (layout in docs/internals.md): `layers` holds the keys and values in the
-        `LayerCache` layout (B * KVH, T, hd): one `LayerCache` per layer after `unstack_layers`,
+        `LayerCache` layout (B * KVH, T, hd): one `LayerCache` per layer in an unstacked layout,
         else one `LayerCache` of (L, B * KVH, T, hd) arrays that the layer scan slices."""
         cfg = self.config
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
         shape = (batch_size * cfg.num_kv_heads, max_length, cfg.head_dim)
-        if self.layers_unstacked:
+        if not self.layout.stacked:
             layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                            for _ in range(cfg.num_layers))
         else:

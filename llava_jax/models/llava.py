@@ -12,7 +12,9 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.models import layers as L
+from llava_jax.models import layout as layout_lib
 from llava_jax.models import llava_next
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.config import LlavaConfig, config_from_any
 from llava_jax.models.llama import LlamaModel, default_positions, default_segment_ids
@@ -28,8 +30,9 @@ def _concrete(x) -> Optional[np.ndarray]:
 
 
 class LlavaModel(nnx.Module):
-    def __init__(self, config, *, rngs: nnx.Rngs, lora=None):
-        """lora: a `models.lora.LoraConfig` puts LoRA adapters on the language model's projections."""
+    def __init__(self, config, *, rngs: nnx.Rngs, lora=None, layout: layout_lib.DecoderLayout = layout_lib.TRAINING):
+        """lora: a `models.lora.LoraConfig` puts LoRA adapters on the language model's projections;
+        layout: how the language model's decoder is built (`models.layout`; training's by default)."""
         config = config_from_any(config)
         self.config = config
         # Fail on a bad projector type before anything is compiled.
@@ -40,7 +43,7 @@ class LlavaModel(nnx.Module):
             Projector(config.projector_type, config.vision_feature_dim, config.text.hidden_size,
                       dtype=config.dtype, rngs=r),
             LlamaModel(config.text, dtype=config.dtype, remat_policy=config.remat_policy, rngs=r, lora=lora,
-                       attention_impl=config.attention_impl)), rngs)
+                       attention_impl=config.attention_impl, layout=layout)), rngs)
         if config.anyres:
             # LLaVA-1.6's learned vector that ends every row of tile features. It lives with the
             # projector (parameter counts, stage freezing and the optimizer's projector group see it).
@@ -172,11 +175,6 @@ class LlavaModel(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
         return self.language_model.init_cache(batch_size, max_length, dtype)
 
-    def unstack_layers(self):
-        """Per-layer decoder weights and KV cache for inference (`LlamaModel.unstack_layers`)."""
-        self.language_model.unstack_layers()
-        return self
-
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, segment_ids=None, positions=None,
                  cache=None, image_sizes=None):
         embeds, segment_ids, positions = self._inputs(input_ids, pixel_values, attention_mask, segment_ids,
@@ -184,3 +182,20 @@ class LlavaModel(nnx.Module):
         h, new_cache = self.language_model.decode(embeds, segment_ids, positions, cache)
         logits = self.language_model.logits(h)
         return logits if cache is None else (logits, new_cache)
+
+
+def with_layout(model: LlavaModel, layout: layout_lib.DecoderLayout, *, merge_adapters: bool = False) -> LlavaModel:
+    """A new model built in `layout` (`models.layout`) holding `model`'s parameters converted to it
+    (`layout.convert_params`, a pure function of the parameter dict); `model` is left as it is and
+    shares with the new one every array no conversion touches. Nothing is initialised: the new
+    model is built abstractly, then filled. merge_adapters: a LoRA model's adapters are merged into
+    its kernels first (`lora.merged_params`) and the new model is a plain one."""
+    params = nnx.to_pure_dict(nnx.state(model))
+    lora = model.language_model.lora
+    if merge_adapters and lora is not None:
+        params, lora = lora_lib.merged_params(params, lora), None
+    params = layout_lib.convert_params(params, model.config.text, model.language_model.layout, layout)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlavaModel(model.config, rngs=nnx.Rngs(0), lora=lora,
+                                                                   layout=layout)))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -193,10 +193,11 @@ class LoraDense(nnx.Module):
 
 
 def linear(name: str, in_features: int, out_features: int, *, axes, lora: Optional[LoraConfig], dtype,
-           rngs: nnx.Rngs):
-    """The decoder projection `name` (a TARGETS key): a plain Dense without LoRA, else a LoraDense."""
+           rngs: nnx.Rngs, weights: str = "float32"):
+    """The decoder projection `name` (a TARGETS key): without LoRA a plain projection whose kernel is
+    held as `weights` (`layers.dense`), else a LoraDense."""
     if lora is None:
-        return L.Dense(in_features, out_features, axes=axes, dtype=dtype, rngs=rngs)
+        return L.dense(in_features, out_features, axes=axes, weights=weights, dtype=dtype, rngs=rngs)
     return LoraDense(in_features, out_features, axes=axes, lora=lora, adapted=name in lora.targets, dtype=dtype,
                      rngs=rngs)
 
