@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from llava_jax.models import layers as L
-from llava_jax.models.llava import LlavaModel
 from llava_jax.recipes.tiny import tiny_llava_config
-from llava_jax.testing.batches import make_batch
+from llava_jax.testing.attention import assert_grads_close, logits_and_grads
 from llava_jax.testing.processes import REPO, run_python, subprocess_env
 
 
@@ -99,25 +97,10 @@ def test_splash_equals_xla_attention(segments, h, kvh, causal, tol):
 @pytest.mark.slow
 def test_model_logits_and_gradients_equal_with_splash():
     """The whole tiny LLaVA (CLIP + GQA decoder, packed batch) with attention_impl='splash' vs 'xla'."""
-    cfg = tiny_llava_config()
-    batch = make_batch(cfg, 2, 40, seed=3, packed_rows=1)
-    models = {impl: LlavaModel(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0)) for impl in ("xla", "splash")}
-    real = batch["segment_ids"] != 0
-
-    def loss(model):
-        logits = model(batch["input_ids"], batch["pixel_values"], segment_ids=batch["segment_ids"],
-                       positions=batch["positions"])
-        return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * real), logits
-
-    results = {impl: nnx.jit(nnx.value_and_grad(loss, has_aux=True))(m) for impl, m in models.items()}
-    (_, logits_ref), grads_ref = results["xla"]
-    (_, logits), grads = results["splash"]
-    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(logits_ref)[real], atol=2e-5, rtol=0)
-    flat_ref, flat = jax.tree.leaves(nnx.to_pure_dict(grads_ref)), jax.tree.leaves(nnx.to_pure_dict(grads))
-    assert len(flat) == len(flat_ref) > 10
-    for g, g_ref in zip(flat, flat_ref):  # gradients reach ~300: 1e-6 of the largest
-        scale = float(np.abs(np.asarray(g_ref)).max()) + 1.0
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6 * scale, rtol=0)
+    real, out = logits_and_grads(("xla", "splash"))
+    (logits_ref, grads_ref), (logits, grads) = out["xla"], out["splash"]
+    np.testing.assert_allclose(logits[real], logits_ref[real], atol=2e-5, rtol=0)
+    assert_grads_close(grads, grads_ref)
 
 
 def test_attention_impl_names():
