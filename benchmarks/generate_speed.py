@@ -10,12 +10,13 @@ row = 63 / (T64 - T1), aggregate = rows x that. Calls are interleaved (torch, ou
 the medians reported. Roofline at batch 1: a decode step must read every LLM weight once, so its
 floor is (weight bytes, in the row's weight dtype) / (memory read bandwidth measured in the same run).
 
-Rows: transformers; llava-jax (fp32); llava-jax with bf16 / int8 language-model kernels
+Rows: transformers; llava-jax (fp32, one Generator); with --one-line, llava_jax.infer.generate(model, ...)
+called afresh each time; llava-jax with bf16 / int8 language-model kernels
 (`Generator(weights_dtype=...)`, llava_jax/models/layout.py) and their prompt-logit error vs fp32;
 llava-jax with bf16 compute (config.dtype, fp32 parameters).
 
   .venv/bin/python benchmarks/generate_speed.py [--rounds 3] [--batches 1,8] [--weights bfloat16,int8]
-      [--no-bf16] [--json PATH]
+      [--no-bf16] [--one-line] [--json PATH]
 """
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ class Ours:
 
     def __call__(self, ids, pixels, new_tokens):
         return self.gen.generate(ids, pixels, max_new_tokens=new_tokens, eos_token_id=[])
+
+
+class OneLine:
+    """The one-line API, called afresh each time: `llava_jax.infer.generate(model, ...)` (it reuses
+    the compiled Generator of the same model between calls)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids, pixels, new_tokens):
+        from llava_jax.infer.generate import generate
+
+        return generate(self.model, ids, pixels, max_new_tokens=new_tokens, eos_token_id=[])
 
 
 class Torch:
@@ -108,6 +122,8 @@ def main(argv=None) -> int:
                     help="light language-model weight dtypes to add as rows ('' for none)")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--small", action="store_true", help="smoke test: a tiny model")
+    ap.add_argument("--one-line", action="store_true",
+                    help="also time repeated llava_jax.infer.generate(model, ...) calls")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -122,6 +138,8 @@ def main(argv=None) -> int:
     hf.set_attn_implementation(args.attn)
     ours_model = ours_from_hf(hf, cfg)
     impls = {"transformers": Torch(hf), "llava-jax": Ours(ours_model)}
+    if args.one_line:
+        impls["llava-jax infer.generate"] = OneLine(ours_model)
     light = [w for w in args.weights.split(",") if w]
     for w in light:
         impls[f"llava-jax {w} weights"] = Ours(ours_model, weights_dtype=w)

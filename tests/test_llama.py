@@ -144,7 +144,30 @@ def test_remat_policies_give_the_same_gradients(base_pair):
         return jnp.mean(model(ids) ** 2)
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
-    plain, remat = grad(state, "none"), grad(state, "nothing_saveable")
-    for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
-    assert set(L.REMAT_POLICIES) == {"none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"}
+    plain = grad(state, "none")
+    for policy in L.REMAT_POLICIES:
+        for a, b in zip(jax.tree.leaves(grad(state, policy)), jax.tree.leaves(plain)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5, err_msg=policy)
+
+
+def test_named_remat_policy_keeps_only_the_attention_inputs(base_pair):
+    """save_qkv_proj keeps the rotated q, k and v of every layer for the backward pass, on top of what
+    nothing_saveable keeps (the layer inputs): exactly layers x (q + k + v) more residual elements."""
+    from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
+
+    cfg, _, ours = base_pair
+    rows, length = 2, 8
+    ids = jnp.asarray(_ids(rows, length, seed=5))
+    graphdef, state = nnx.split(ours)
+
+    def residual_elements(policy):
+        def loss(params):
+            model = nnx.merge(graphdef, params)
+            model.remat_policy = policy
+            return jnp.mean(model(ids) ** 2)
+
+        return sum(aval.size for aval, _ in saved_residuals(loss, state))
+
+    t = cfg.text
+    qkv = rows * length * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+    assert residual_elements("save_qkv_proj") - residual_elements("nothing_saveable") == t.num_layers * qkv

@@ -23,12 +23,22 @@ Axes = tuple  # logical axis names, one per array dimension
 
 ACT_SHAPE = ("act_batch", "act_seq", "act_embed")
 
+# The attention inputs a decoder layer names with `jax.ad_checkpoint.checkpoint_name` (after the
+# rotary embedding): the policies below keep them so that the backward pass does not redo the three
+# projections, either in device memory or, where the chip has host memory it can reach (TPU v4 / v5e /
+# v5p), in pinned host memory.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+
 # Name -> jax.checkpoint policy; 'none' means layers are not rematerialised at all.
 REMAT_POLICIES = {
     "none": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*QKV_NAMES),
+    "offload_qkv_proj": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=QKV_NAMES,
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

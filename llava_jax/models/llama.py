@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.models import layers as L
 from llava_jax.models import lora as lora_lib
@@ -121,6 +122,7 @@ class LlamaAttention(nnx.Module):
         q = L.constrain_act(L.apply_rope(q, positions, inv_freq), ("act_batch", "act_seq", "act_heads", None))
         k = L.constrain_act(L.apply_rope(k, positions, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
         v = L.constrain_act(v, ("act_batch", "act_seq", "act_kv_heads", None))
+        q, k, v = (checkpoint_name(a, name) for a, name in zip((q, k, v), L.QKV_NAMES))  # remat policies
         if kv is None:
             out = L.dot_product_attention(q, k, v, mask)
             return self.o_proj(out.reshape(b, s, -1)), None
