@@ -70,12 +70,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# --schedulers names -> serve flags
+SCHEDULERS = {"window": ["--scheduler", "window"], "engine": ["--scheduler", "engine"],
+              "engine-no-ahead": ["--scheduler", "engine", "--prefill-ahead", "0"]}
+
+
 class ServerProcess:
     def __init__(self, ckpt: str, scheduler: str, max_batch: int, jax_cache: str):
         self.port = free_port()
         cmd = [sys.executable, "-m", "llava_jax.cli", "serve", "--ckpt", ckpt, "--host", HOST, "--port",
-               str(self.port), "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue", "256",
-               "--model-name", "bench", "--request-timeout", "300"]
+               str(self.port), "--max-batch", str(max_batch), "--max-queue", "256",
+               "--model-name", "bench", "--request-timeout", "300"] + SCHEDULERS[scheduler]
         # A persistent compilation cache: a rerun (and the second server, for the shared prefill)
         # loads compiled shapes instead of compiling them during the measured runs.
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax_cache,
@@ -211,7 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--think-s", type=float, default=1.0, help="mean think time between a client's requests")
     p.add_argument("--warmup-s", type=float, default=40.0)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--schedulers", default="window,engine")
+    p.add_argument("--schedulers", default="window,engine",
+                   help=f"comma-separated, of {sorted(SCHEDULERS)} (engine-no-ahead: --prefill-ahead 0)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--jax-cache", default=os.path.join(tempfile.gettempdir(), "llava_jax_serve_load_jax_cache"),
                    help="persistent compilation cache of the servers")

@@ -126,10 +126,50 @@ def test_cancel_timeout_queue_bound_and_capacity(generator):
         engine.submit(d)
 
 
+def test_prefill_ahead_streams_first_tokens_before_a_slot_frees(generator):
+    config = generator.config
+    specs = [(9, True, 12), (17, False, 6), (14, True, 9), (11, False, 1)]
+    expected = [solo(generator, r, eos_token_id=[]) for r in make_requests(config, specs, seed=5)]
+    engine = Engine(generator, max_batch=1, prefill_ahead=2, eos_ids=[])
+    requests = make_requests(config, specs, seed=5)
+    for r in requests:
+        engine.submit(r)
+    for _ in range(4):  # one prefill per step (max_prefill_rows defaults to max_batch)
+        engine.step()
+    # one slot: the first request decodes, two more got their first token, the fourth waits
+    assert engine.busy_slots == 1 and [len(r.tokens) for r in requests] == [5, 1, 1, 0]
+    assert engine.queue_length == 1
+    while not all(r.finished for r in requests):
+        engine.step()
+    assert [r.tokens for r in requests] == expected
+    assert engine.stats["largest_batch"] == 1
+    no_ahead = Engine(generator, max_batch=1, prefill_ahead=0, eos_ids=[])
+    late = make_requests(config, specs[:2], seed=5)
+    for r in late:
+        no_ahead.submit(r)
+    no_ahead.step()
+    assert [len(r.tokens) for r in late] == [2, 0]
+
+
+def test_one_request_decodes_one_row(generator):
+    """Requests take the lowest free row and a decode step runs the smallest power-of-two block of
+    rows that holds the busy ones: a lone request does not pay for max_batch rows."""
+    config = generator.config
+    engine = Engine(generator, max_batch=8, eos_ids=[])
+    alone = make_requests(config, [(12, True, 10)], seed=6)
+    engine.run_until_done(alone)
+    assert engine.stats["steps_of_1_rows"] == engine.stats["steps"] == 9
+    assert alone[0].tokens == solo(generator, make_requests(config, [(12, True, 10)], seed=6)[0],
+                                   eos_token_id=[])
+    engine.run_until_done(make_requests(config, [(12, True, 4)] * 3, seed=7))
+    assert engine.stats["steps_of_4_rows"] > 0 and engine.stats["steps_of_8_rows"] == 0
+
+
 def test_compiled_shapes_stay_bounded(generator):
     config = generator.config
     engine = Engine(generator, max_batch=4, eos_ids=[])
-    engine.run_until_done(make_requests(config, [(20, True, 8), (25, False, 8)], seed=3))
+    # every row block (1, 2, 4) compiled once
+    run_staggered(engine, make_requests(config, [(20, True, 8), (25, False, 8), (21, True, 8)], seed=3), [0, 1, 3])
     before = dict(TRACE_COUNTS)
     # other prompt lengths in the same buckets, arriving at other steps: nothing new to compile
     requests = make_requests(config, [(22, True, 6), (27, False, 9), (18, True, 4)], seed=4)

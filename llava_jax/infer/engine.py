@@ -3,9 +3,15 @@
 The design of JetStream's engine and vLLM's iteration-level scheduling, on the model's KV cache:
 - the engine owns one cache of `max_batch` rows (a row = a decode slot) and `T` slots;
 - a waiting request is *prefilled* on its own small cache (the Generator's jitted `_prefill`: image
-  features, prompt, first token), then *inserted* into a free row between two decode steps;
-- every decode step runs all `max_batch` rows (a free row decodes garbage nobody reads: static
-  shapes); a row that finishes (EOS, stop, max_tokens, cancelled, timed out) frees its slot at once,
+  features, prompt, first token, which streams at once), then *inserted* into a free row between two
+  decode steps. As in JetStream, prefill does not wait for a free row: up to `prefill_ahead`
+  requests beyond the free rows are prefilled ahead and held (their small caches) until rows free
+  up, oldest first, so under load a request's first token comes after the prefills queued before
+  it rather than after the running answers (its second token then waits for the row);
+- a decode step runs the first `rows` rows of the cache, `rows` the smallest of 1, 2, 4 ...
+  max_batch that covers the highest busy row (a free row below it decodes garbage nobody reads:
+  static shapes); a request takes the lowest free row, so one client decodes one row, not
+  max_batch (on a mesh every step runs all rows: the rows are split over the devices); a row that finishes (EOS, stop, max_tokens, cancelled, timed out) frees its slot at once,
   and the next waiting request may take it before the next step.
 
 One write index for all rows. The model's cache has one `index` (the next slot every row writes):
@@ -18,8 +24,8 @@ index, the rows are rolled right first. The cache grows through a few lengths (`
 the rows need them, and starts again at the smallest when the engine falls idle, so attention reads
 about as many slots as the longest live row needs.
 
-Compiled shapes (all bounded): decode: one per (cache length, sampling on/off, sampling filter
-width), always `max_batch` rows; prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
+Compiled shapes (all bounded): decode: one per (row bucket, cache length, sampling on/off,
+sampling filter width); prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
 prompt bucket x image-count bucket); insert: (prefill rows, prompt bucket, cache length); rebase:
 one per cache length; grow: one per pair of consecutive cache lengths. LLaVA-1.6 (AnyRes) requests
 carry `image_sizes`; `submit` checks them (`generate.prepare_images`) and their layouts enter the
@@ -105,6 +111,24 @@ class Request:
         return self._done.wait(timeout)
 
 
+@dataclasses.dataclass(eq=False)
+class _Prefilled:
+    """One prefill call's cache (its rows x its prompt bucket), shared by the requests it holds."""
+    cache: dict
+    prompt: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Ready:
+    """A prefilled request (its first token chosen and streamed) waiting for a decode slot."""
+    request: Request
+    matcher: _StopMatcher
+    prefilled: _Prefilled
+    source: int  # its row in prefilled.cache
+    token: int
+    position: int
+
+
 @dataclasses.dataclass
 class _Slot:
     request: Request
@@ -122,9 +146,19 @@ def max_prompt_padding(max_context: int) -> int:
 # ----- the jitted pieces ----------------------------------------------------------------------
 
 def _decode_steps(graphdef, state, cache, tokens, positions, steps, temperature, top_k, top_p, seeds, *,
-                  num_steps, sample, width=0):
-    """`num_steps` decode steps of every row -> (chosen tokens (B, num_steps), cache)."""
+                  num_steps, sample, width=0, rows=None):
+    """`num_steps` decode steps of the first `rows` rows (default: all) -> (chosen tokens (rows,
+    num_steps), cache). The other rows' keys and values are left as they are."""
     TRACE_COUNTS["engine_decode"] += 1
+    full = cache
+    if rows is not None and rows < cache["segment"].shape[0]:
+        # A leading slice of each buffer, written back in place at the end (the cache is donated):
+        # the copies cost a fraction of the step that the rows left out save.
+        kv_heads = cache["layers"][0].k.shape[0] // cache["segment"].shape[0]
+        cache = dict(cache, layers=jax.tree.map(lambda a: a[:rows * kv_heads], cache["layers"]),
+                     segment=cache["segment"][:rows])
+        tokens, positions, steps, temperature, top_k, top_p, seeds = (
+            a[:rows] for a in (tokens, positions, steps, temperature, top_k, top_p, seeds))
     model = nnx.merge(graphdef, state)
     batch = tokens.shape[0]
     ones = jnp.ones((batch, 1), jnp.int32)
@@ -139,28 +173,32 @@ def _decode_steps(graphdef, state, cache, tokens, positions, steps, temperature,
 
     out = jnp.zeros((batch, num_steps), jnp.int32)
     _, _, cache, out = jax.lax.fori_loop(0, num_steps, body, (tokens, positions, cache, out))
+    if cache is not full:
+        put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=0)
+        cache = dict(cache, layers=jax.tree.map(put, full["layers"], cache["layers"]),
+                     segment=put(full["segment"], cache["segment"]))
     return out, cache
 
 
-def _insert(cache, prefilled, rows, count, index):
-    """Copy the first `count` rows of a prefill cache (P slots) into engine rows `rows`, at slots
-    [index - P, index); the rest of each target row's segment is cleared (its old occupant's keys
-    stay but are never attended)."""
+def _insert(cache, prefilled, sources, rows, count, index):
+    """Copy rows `sources[:count]` of a prefill cache (P slots) into engine rows `rows[:count]`, at
+    slots [index - P, index); the rest of each target row's segment is cleared (its old occupant's
+    keys stay but are never attended)."""
     TRACE_COUNTS["engine_insert"] += 1
     prompt = prefilled["segment"].shape[1]
     kv_heads = cache["layers"][0].k.shape[0] // cache["segment"].shape[0]
 
     def body(i, cache):
-        row, start = rows[i], index - prompt
+        row, source, start = rows[i], sources[i], index - prompt
 
         def put(big, small):
-            piece = jax.lax.dynamic_slice_in_dim(small, i * kv_heads, kv_heads, axis=0)
+            piece = jax.lax.dynamic_slice_in_dim(small, source * kv_heads, kv_heads, axis=0)
             return jax.lax.dynamic_update_slice(big, piece.astype(big.dtype), (row * kv_heads, start, 0))
 
         layers = jax.tree.map(put, cache["layers"], prefilled["layers"])
         segment = jax.lax.dynamic_update_slice(cache["segment"], jnp.zeros((1, cache["segment"].shape[1]),
                                                                             jnp.int32), (row, 0))
-        new = jax.lax.dynamic_slice_in_dim(prefilled["segment"], i, 1, axis=0)
+        new = jax.lax.dynamic_slice_in_dim(prefilled["segment"], source, 1, axis=0)
         segment = jax.lax.dynamic_update_slice(segment, new, (row, start))
         return dict(cache, layers=layers, segment=segment)
 
@@ -184,7 +222,8 @@ def _rebase(cache, shift, new_index):
 class Engine:
     """Decode slots over a `Generator`'s model (and mesh).
 
-    max_batch: decode slots. chunk_size: decode steps per jitted call (1: a row that finishes or is
+    max_batch: decode slots. prefill_ahead: prefilled requests that may wait for a slot (default
+    max_batch; 0: prefill only into free slots). chunk_size: decode steps per jitted call (1: a row that finishes or is
     cancelled frees its slot before the next step). max_queue: waiting requests beyond which
     `submit` raises QueueFull. max_context: the longest prompt + answer a request may ask for
     (default: the model's max_position_embeddings). eos_ids / pad_id default to the model config's;
@@ -193,11 +232,12 @@ class Engine:
 
     def __init__(self, generator, *, max_batch: int = 8, chunk_size: int = 1, max_queue: int = DEFAULT_MAX_QUEUE,
                  max_context: Optional[int] = None, eos_ids=None, pad_id: Optional[int] = None, tokenizer=None,
-                 max_prefill_rows: Optional[int] = None):
+                 max_prefill_rows: Optional[int] = None, prefill_ahead: Optional[int] = None):
         self.generator = gen = generator
         self.config = gen.config
         self.max_batch, self.chunk_size, self.max_queue = int(max_batch), int(chunk_size), int(max_queue)
         self.max_prefill_rows = int(max_prefill_rows or max_batch)
+        self.prefill_ahead = int(self.max_batch if prefill_ahead is None else prefill_ahead)
         self.max_context = int(max_context or self.config.text.max_position_embeddings)
         text = self.config.text
         self.eos_ids = _as_int_list(text.eos_token_id if eos_ids is None else eos_ids)
@@ -211,7 +251,12 @@ class Engine:
         self.cache_lengths = tuple(lengths) + ((longest,) if lengths[-1] < longest else ())
 
         self._decode = jax.jit(functools.partial(_decode_steps, gen.graphdef),
-                               static_argnames=("num_steps", "sample", "width"), donate_argnames=("cache",))
+                               static_argnames=("num_steps", "sample", "width", "rows"), donate_argnames=("cache",))
+        # rows a decode step runs: powers of two up to max_batch (all rows on a mesh, where they are
+        # split over the devices)
+        buckets = [self.max_batch] if gen.mesh is not None else \
+            sorted({min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+        self.row_buckets = tuple(buckets)
         self._insert = jax.jit(_insert, donate_argnames=("cache",))
         self._rebase = jax.jit(_rebase, donate_argnames=("cache",))
         self._grow = jax.jit(extend_cache, static_argnames=("max_length",))  # a new, larger buffer
@@ -223,6 +268,7 @@ class Engine:
         self.cache = None
         self.index = 0  # host copy of the cache's write index
         self._waiting: collections.deque = collections.deque()
+        self._ready: collections.deque = collections.deque()  # of _Ready, oldest first
         self._cond = threading.Condition()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
@@ -237,6 +283,11 @@ class Engine:
     @property
     def queue_length(self) -> int:
         return len(self._waiting)
+
+    @property
+    def prefilled_waiting(self) -> int:
+        """Requests prefilled ahead (first token sent) that wait for a slot."""
+        return len(self._ready)
 
     @property
     def busy_slots(self) -> int:
@@ -268,9 +319,11 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for request in list(self._waiting) + [s.request for s in self.slots if s is not None]:
+        for request in (list(self._waiting) + [ready.request for ready in self._ready]
+                        + [s.request for s in self.slots if s is not None]):
             self._finish_error(request, "the server is shutting down")
         self._waiting.clear()
+        self._ready.clear()
         self.slots = [None] * self.max_batch
 
     def run_until_done(self, requests: Sequence[Request]) -> list:
@@ -285,7 +338,7 @@ class Engine:
     def _run(self):
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and self.busy_slots == 0:
+                while not self._closed and not self._waiting and not self._ready and self.busy_slots == 0:
                     self._cond.wait()
                 if self._closed:
                     return
@@ -306,7 +359,7 @@ class Engine:
         with self._mesh():
             self._admit()
             if self.busy_slots == 0:
-                if self.cache is not None and not self._waiting:
+                if self.cache is not None and not self._waiting and not self._ready:
                     self.cache, self.index = None, 0  # idle: start small again
                 return False
             self._decode_once()
@@ -359,40 +412,66 @@ class Engine:
             ended = [r for r in self._waiting if why_ended(r)]
             for r in ended:
                 self._waiting.remove(r)
-        for r in ended:
+        gone = [ready for ready in self._ready if why_ended(ready.request)]
+        for ready in gone:
+            self._ready.remove(ready)
+        for r in ended + [ready.request for ready in gone]:
             self._finish(r, why_ended(r))
 
     def _admit(self):
+        """Prefill waiting requests, as many as there are free rows plus up to `prefill_ahead` more
+        (their first token streams now; they wait for a row prefilled), then move the oldest
+        prefilled requests into the free rows."""
         free = [row for row, slot in enumerate(self.slots) if slot is None]
         with self._cond:
-            take = min(len(free), self.max_prefill_rows, len(self._waiting))
+            room = max(0, len(free) + self.prefill_ahead - len(self._ready))
+            take = min(room, self.max_prefill_rows, len(self._waiting))
             requests = [self._waiting.popleft() for _ in range(take)]
         # One prefill per prompt bucket: a short text prompt is not padded to an image prompt's length.
         groups = collections.defaultdict(list)
         for request in requests:
             groups[prompt_bucket(request.input_ids.size)].append(request)
         for group in groups.values():
-            self._admit_group(group, free[:len(group)])
-            free = free[len(group):]
+            self._prefill_group(group)
+        moving = [self._ready.popleft() for _ in range(min(len(free), len(self._ready)))]
+        # one insert per prefill call: its rows go in together
+        by_prefill = collections.defaultdict(list)
+        for ready in moving:
+            by_prefill[ready.prefilled].append(ready)
+        for prefilled, readies in by_prefill.items():
+            self._insert_ready(prefilled, readies, free[:len(readies)])
+            free = free[len(readies):]
 
-    def _admit_group(self, requests, rows):
+    def _prefill_group(self, requests):
         try:
-            first, positions, prefilled, prompt = self._prefill(requests)
+            first, positions, cache, prompt = self._prefill(requests)
         except Exception as e:  # e.g. a shape the model cannot take: fail these requests only
             for r in requests:
                 self._finish_error(r, f"prefill failed: {type(e).__name__}: {e}")
             return
-        self._make_room(prompt)
-        padded_rows = np.full((prefilled["segment"].shape[0],), 0, np.int32)
-        padded_rows[:len(rows)] = rows
-        self.cache = self._insert(self.cache, prefilled, jnp.asarray(padded_rows), jnp.int32(len(rows)),
-                                  jnp.int32(self.index))
         self.stats["prefills"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], self.busy_slots + len(rows))
-        for i, (row, request) in enumerate(zip(rows, requests)):
-            self.slots[row] = _Slot(request, _StopMatcher(request.stop, self.tokenizer), int(first[i]),
-                                    int(positions[i]), self.index - prompt)
-            self._record(row, int(first[i]))
+        prefilled = _Prefilled(cache, prompt)
+        for i, request in enumerate(requests):
+            ready = _Ready(request, _StopMatcher(request.stop, self.tokenizer), prefilled, i, int(first[i]),
+                           int(positions[i]))
+            reason = self._take(request, ready.matcher, ready.token)
+            if reason is None:
+                self._ready.append(ready)
+            else:  # it ended on its first token
+                self._finish(request, reason)
+
+    def _insert_ready(self, prefilled: _Prefilled, readies, rows):
+        self._make_room(prefilled.prompt)
+        width = prefilled.cache["segment"].shape[0]
+        sources, targets = np.zeros((width,), np.int32), np.zeros((width,), np.int32)
+        sources[:len(rows)] = [r.source for r in readies]
+        targets[:len(rows)] = rows
+        self.cache = self._insert(self.cache, prefilled.cache, jnp.asarray(sources), jnp.asarray(targets),
+                                  jnp.int32(len(rows)), jnp.int32(self.index))
+        for row, ready in zip(rows, readies):
+            self.slots[row] = _Slot(ready.request, ready.matcher, ready.token, ready.position,
+                                    self.index - prefilled.prompt)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], self.busy_slots)
 
     def _prefill(self, requests):
         gen = self.generator
@@ -469,6 +548,7 @@ class Engine:
                 self._set_index(-oldest)
             self._ensure_length(self.index + steps_ahead)
         active = [row for row, s in enumerate(self.slots) if s is not None]
+        rows = next(b for b in self.row_buckets if b > active[-1])
         tokens = np.full((self.max_batch,), self.pad_id, np.int32)
         positions = np.zeros((self.max_batch,), np.int32)
         steps = np.zeros((self.max_batch,), np.int32)
@@ -485,9 +565,11 @@ class Engine:
         sample = bool(np.any(temperature > 0))
         width = filter_width(temperature, top_k, top_p, self.config.text.vocab_size) if sample else 0
         out, self.cache = self._decode(self.generator.state, self.cache, tokens, positions, steps, temperature,
-                                       top_k, top_p, seeds, num_steps=steps_ahead, sample=sample, width=width)
+                                       top_k, top_p, seeds, num_steps=steps_ahead, sample=sample, width=width,
+                                       rows=rows)
         self.index += steps_ahead
         self.stats["steps"] += steps_ahead
+        self.stats[f"steps_of_{rows}_rows"] += steps_ahead
         out = np.asarray(out)
         for row in active:
             slot = self.slots[row]
@@ -500,19 +582,26 @@ class Engine:
 
     # -- per-row bookkeeping
     def _record(self, row: int, token: int):
-        """One chosen token of the row's request: stream it, or end the request."""
+        """One chosen token of the row's request: stream it, or end the request and free the row."""
         slot = self.slots[row]
-        r = slot.request
+        reason = self._take(slot.request, slot.matcher, token)
+        if reason is not None:
+            self._free(row, reason)
+
+    def _take(self, r: Request, matcher: _StopMatcher, token: int) -> Optional[str]:
+        """Stream `token` to the request -> why it ends with it ('eos', 'stop', 'length') or None
+        (the caller finishes it)."""
         if r.first_token_at is None:
             r.first_token_at = time.monotonic()
         if token in self.eos_ids:
-            return self._free(row, "eos")
+            return "eos"
         r.tokens.append(token)
         self._emit(r, "token", token)
-        if slot.matcher and slot.matcher.matches(r.tokens):
-            self._free(row, "stop")
-        elif len(r.tokens) >= r.max_tokens:
-            self._free(row, "length")
+        if matcher and matcher.matches(r.tokens):
+            return "stop"
+        if len(r.tokens) >= r.max_tokens:
+            return "length"
+        return None
 
     def _free(self, row: int, reason: str):
         request = self.slots[row].request

@@ -27,6 +27,9 @@ class ServerMetrics:
                                 registry=r)
         queue = Gauge("llava_queue_length", "Requests waiting for a decode slot", registry=r)
         queue.set_function(lambda: scheduler.queue_length)
+        ahead = Gauge("llava_prefilled_waiting", "Prefilled requests (first token sent) waiting for a slot",
+                      registry=r)
+        ahead.set_function(lambda: getattr(scheduler, "prefilled_waiting", 0))
         busy = Gauge("llava_busy_slots", "Decode slots in use", registry=r)
         busy.set_function(lambda: scheduler.busy_slots)
         Gauge("llava_decode_slots", "Decode slots (--max-batch)", registry=r).set(scheduler.max_batch)

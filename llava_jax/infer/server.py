@@ -1,14 +1,14 @@
 """`llava-jax serve`: an OpenAI-compatible HTTP server with a chat page (Starlette on uvicorn).
 
-  llava-jax serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
-                  [--request-timeout 600]
+  llava-jax serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--prefill-ahead 8]
+                  [--max-queue 64] [--request-timeout 600]
 
 Endpoints: POST /v1/chat/completions (text and image_url parts with data: URIs; stream: true gives
 server-sent events in OpenAI's chunk format ending with [DONE]; temperature, top_p, max_tokens,
 stop, seed), GET /v1/models, GET /health, GET /metrics (Prometheus), and the chat page at /.
 
 Requests go to the slot engine (`llava_jax.infer.engine`): --max-batch decode slots that requests
-enter (after their prefill) and leave (EOS, stop, max_tokens, a client that hung up, the timeout)
+enter (after their prefill, which may run --prefill-ahead requests ahead of a free slot) and leave (EOS, stop, max_tokens, a client that hung up, the timeout)
 between decode steps. Limits: a bounded queue (beyond it 429 with Retry-After; 503 while shutting
 down), a per-request timeout (504), body and image sizes (413), a slow body (408), max_tokens
 within the context and the engine's cache (400). Bad input gets a 4xx with
@@ -203,13 +203,15 @@ class Service:
     """Validates requests, feeds the scheduler (the slot engine, or `--scheduler window`)."""
 
     def __init__(self, chat_model, model_id: str, limits: Limits = Limits(), max_batch: int = 8,
-                 batch_window_s: float = 0.02, scheduler: str = "engine", chunk_size: int = 1):
+                 batch_window_s: float = 0.02, scheduler: str = "engine", chunk_size: int = 1,
+                 prefill_ahead: Optional[int] = None):
         self.chat_model, self.model_id, self.limits = chat_model, model_id, limits
         self.context = limits.max_context or chat_model.config.text.max_position_embeddings
         kw = dict(max_batch=max_batch, max_queue=limits.max_queue, max_context=self.context,
                   eos_ids=chat_model.eos_ids, pad_id=chat_model.pad_id, tokenizer=chat_model.tokenizer)
         if scheduler == "engine":
-            self.scheduler = Engine(chat_model.generator, chunk_size=chunk_size, **kw).start()
+            self.scheduler = Engine(chat_model.generator, chunk_size=chunk_size, prefill_ahead=prefill_ahead,
+                                    **kw).start()
         elif scheduler == "window":
             from llava_jax.infer.window_scheduler import WindowScheduler
 
@@ -546,11 +548,11 @@ class Server:
 
 def make_server(chat_model, host: str = "127.0.0.1", port: int = 8000, model_id: str = "llava-jax",
                 limits: Limits = Limits(), max_batch: int = 8, batch_window_s: float = 0.02,
-                scheduler: str = "engine", chunk_size: int = 1) -> Server:
+                scheduler: str = "engine", chunk_size: int = 1, prefill_ahead: Optional[int] = None) -> Server:
     """An HTTP server bound to (host, port) (port 0 = any free port); call serve_forever().
     `batch_window_s` only matters to scheduler='window' (the scheduler before the slot engine)."""
     service = Service(chat_model, model_id, limits, max_batch=max_batch, batch_window_s=batch_window_s,
-                      scheduler=scheduler, chunk_size=chunk_size)
+                      scheduler=scheduler, chunk_size=chunk_size, prefill_ahead=prefill_ahead)
     return Server(service, host, port)
 
 
@@ -563,6 +565,9 @@ def parse_args(argv):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests decoded together")
+    p.add_argument("--prefill-ahead", type=int, default=None,
+                   help="requests prefilled (first token streamed) while they wait for a decode slot "
+                        "(default: --max-batch; 0: prefill only into free slots)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot beyond which the server answers 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -590,7 +595,8 @@ def main(argv=None) -> int:
                     default_max_tokens=args.max_tokens, max_queue=args.max_queue,
                     request_timeout_s=args.request_timeout)
     server = make_server(chat_model, args.host, args.port, model_id, limits, max_batch=args.max_batch,
-                         batch_window_s=args.batch_window_ms / 1000, scheduler=args.scheduler)
+                         batch_window_s=args.batch_window_ms / 1000, scheduler=args.scheduler,
+                         prefill_ahead=args.prefill_ahead)
     server.verbose = args.verbose
     host, port = server.server_address[:2]
     # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C. While uvicorn runs it catches the
