@@ -92,18 +92,11 @@ def is_oom(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
 
 
-def _mesh_sizes(text: str, config) -> tuple:
-    """--mesh (sharding.parse_mesh), else the config's mesh."""
-    if not text:
-        return int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)
+def apply_overrides(config, args) -> None:
+    """The command-line settings `aot` and `plan` share, onto a loaded ConfigDict before it is typed
+    (a command without one of these options leaves the config's value)."""
     from llava_jax.sharding import parse_mesh
 
-    return parse_mesh(text)
-
-
-def apply_overrides(config, args) -> None:
-    """The command-line settings `aot` and `plan` share, onto a loaded config (a command without one of
-    these options leaves the config's value)."""
     with config.unlocked():
         if getattr(args, "global_batch", 0):
             config.global_batch_size = args.global_batch
@@ -117,7 +110,8 @@ def apply_overrides(config, args) -> None:
             config.model.attention_impl = args.attention
         if getattr(args, "loss_chunk", None) is not None:
             config.loss_chunk_size = args.loss_chunk
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(args.mesh, config)
+        if getattr(args, "mesh", ""):
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = parse_mesh(args.mesh)
 
 
 def topology_devices(name: str) -> list:
@@ -136,24 +130,24 @@ def topology_devices(name: str) -> list:
 
 
 def compile_train_step(config, devices):
-    """Lower and compile the train step for `devices` from abstract values -> compiled."""
+    """Lower and compile the train step of `config` (a TrainConfig or its ConfigDict) for `devices` from
+    abstract values -> (mesh, compiled)."""
     import jax
     import jax.numpy as jnp
 
     from llava_jax import sharding
-    from llava_jax.models import lora as lora_lib
-    from llava_jax.models.config import config_from_any
+    from llava_jax.train.config import train_config
     from llava_jax.train.setup import train_setup
 
-    model_config = config_from_any(config.model)
-    mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor),
-                              devices=devices)
-    lora = lora_lib.from_config(config.get("lora"))  # adapters only trained, the base frozen (models/lora.py)
+    config = train_config(config)
+    model_config = config.model
+    mesh = sharding.mesh_from_config(config.mesh, devices=devices)
+    lora = config.adapters  # adapters only trained, the base frozen (models/lora.py)
     if lora is not None:
         lora.check_shapes(model_config.text)
-    setup = train_setup(config, model_config, mesh, int(config.total_steps) or 1000, lora=lora)
-    b, s = int(config.global_batch_size), int(config.max_length)
-    m = max(1, int(config.data.max_images_per_row))
+    setup = train_setup(config, model_config, mesh, config.total_steps or 1000, lora=lora)
+    b, s = config.global_batch_size, config.max_length
+    m = max(1, config.data.max_images_per_row)
     size = model_config.vision.image_size
     shapes = dict(input_ids=((b, s), jnp.int32), labels=((b, s), jnp.int32), segment_ids=((b, s), jnp.int32),
                   positions=((b, s), jnp.int32), pixel_values=((b, m, size, size, 3), jnp.float32))
@@ -207,34 +201,32 @@ def cost_report(config, devices) -> dict:
 
 def main(argv) -> int:
     args = parse_args(argv)
+    from llava_jax import validate
     from llava_jax.config_files import load_config
-    from llava_jax.models.config import config_from_any
     from llava_jax.train import flops as flops_lib
+    from llava_jax.train.config import train_config
 
     config = load_config(args.config)
     apply_overrides(config, args)
-
-    from llava_jax import validate
-    from llava_jax.models import lora as lora_lib
+    config = train_config(config)  # typed once, after every override; passed down as it is
 
     devices = topology_devices(args.topology)
     # Same checks as `llava-jax train`, for this topology's device count (data paths live elsewhere).
     validate.check_train(config, len(devices), style="aot", check_paths=False)
     capacity = args.hbm_bytes or hbm_bytes(devices[0])
-    model_config = config_from_any(config.model)
-    images = max(1, int(config.data.max_images_per_row))
+    model_config = config.model
+    images = max(1, config.data.max_images_per_row)
     if model_config.anyres:  # every AnyRes image runs its tiles through the tower (x max tiles)
         from llava_jax.data import anyres
 
         images *= anyres.max_tiles(model_config.image_grid_pinpoints, model_config.vision.image_size)
-    lora_run = lora_lib.from_config(config.get("lora")) is not None
     # A LoRA run computes no weight gradients for the frozen LLM: stage 1's accounting (as train does).
-    step_flops = flops_lib.step_flops(model_config, 1 if lora_run else int(config.stage),
-                                      int(config.global_batch_size), int(config.max_length), images)
+    step_flops = flops_lib.step_flops(model_config, 1 if config.adapters is not None else config.stage,
+                                      config.global_batch_size, config.max_length, images)
     result = dict(topology=args.topology, device_kind=devices[0].device_kind, num_devices=len(devices),
-                  mesh=None, global_batch=int(config.global_batch_size), max_length=int(config.max_length),
-                  microbatch=int(config.microbatch_size), remat=model_config.remat_policy,
-                  loss_chunk=int(config.get("loss_chunk_size", 0)), attention=model_config.attention_impl,
+                  mesh=None, global_batch=config.global_batch_size, max_length=config.max_length,
+                  microbatch=config.microbatch_size, remat=model_config.remat_policy,
+                  loss_chunk=config.loss_chunk_size, attention=model_config.attention_impl,
                   per_device_peak_bytes=None, hbm_bytes=capacity, fits=None,
                   model_flops_per_step=step_flops.total)
     try:
@@ -247,7 +239,7 @@ def main(argv) -> int:
         print(f"compile ran out of HBM: {first_line}")
         from llava_jax import sharding
 
-        shape = sharding.make_mesh(*_mesh_sizes(args.mesh, config), devices=devices).shape
+        shape = sharding.mesh_from_config(config.mesh, devices=devices).shape
         result.update(mesh=[int(v) for v in shape.values()], per_device_peak_bytes=used, fits=False,
                       hbm_bytes=capacity or reported_capacity, error=first_line)
         if not args.no_cost:

@@ -102,30 +102,27 @@ def _analysis(compiled) -> tuple:
 
 
 def _variant(config, text_layers: int, vision_layers_used_: int):
-    """The config at the same shapes with a shallow model, no microbatches and no loss chunks."""
-    from llava_jax.models.config import config_from_any
-
-    c = config.copy_and_resolve_references()
-    cfg = config_from_any(config.model)
-    with c.unlocked():
-        c.model.text.num_layers = text_layers
-        # keep the distance between the last layer and the feature layer (e.g. -2 -> one unused)
-        c.model.vision.num_layers = cfg.vision.num_layers - vision_layers_used(cfg) + vision_layers_used_
-        c.microbatch_size = 0
-        c.loss_chunk_size = 0
-    return c
+    """The TrainConfig at the same shapes with a shallow model, no microbatches and no loss chunks."""
+    cfg = config.model
+    # keep the distance between the last layer and the feature layer (e.g. -2 -> one unused)
+    vision_layers = cfg.vision.num_layers - vision_layers_used(cfg) + vision_layers_used_
+    model = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=text_layers),
+                        vision=dataclasses.replace(cfg.vision, num_layers=vision_layers))
+    return config.replace(model=model, microbatch_size=0, loss_chunk_size=0)
 
 
 def step_cost(config, devices, compile_fn=None) -> StepCost:
-    """Per-device cost of `config`'s train step on `devices` from three shallow unrolled compiles.
+    """Per-device cost of `config`'s train step (a TrainConfig or its ConfigDict) on `devices` from
+    three shallow unrolled compiles.
 
-    compile_fn(config, devices) -> (mesh, compiled); default `aot.compile_train_step`."""
+    compile_fn(train_config, devices) -> (mesh, compiled); default `aot.compile_train_step`."""
     from llava_jax.models import layers
-    from llava_jax.models.config import config_from_any
+    from llava_jax.train.config import train_config
 
     if compile_fn is None:
         from llava_jax.aot import compile_train_step as compile_fn
-    cfg = config_from_any(config.model)
+    config = train_config(config)
+    cfg = config.model
     if any(layer >= 0 for layer in cfg.feature_layers):
         raise ValueError("the cost model needs vision_feature_layer counted from the end (e.g. -2)")
     with layers.unrolled_layer_scans():

@@ -65,15 +65,17 @@ def rows_needed(work: Workload, *, max_length: int, packing: bool, packing_effic
 
 def make_plan(config, work: Workload, *, chips: int, peak_flops: float, mfu_band, packing_efficiency: float,
               roofline_step_s: Optional[float] = None) -> Plan:
-    from llava_jax.models.config import config_from_any
+    """The plan of `config` (a TrainConfig or its ConfigDict) for `work`."""
     from llava_jax.train import flops as flops_lib
+    from llava_jax.train.config import train_config
 
-    batch, length = int(config.global_batch_size), int(config.max_length)
-    images = max(1, int(config.data.max_images_per_row))
-    rows = rows_needed(work, max_length=length, packing=bool(config.data.packing),
+    config = train_config(config)
+    batch, length = config.global_batch_size, config.max_length
+    images = max(1, config.data.max_images_per_row)
+    rows = rows_needed(work, max_length=length, packing=config.data.packing,
                        packing_efficiency=packing_efficiency, max_images_per_row=images)
     steps = math.ceil(rows * work.epochs / batch)
-    model_flops = flops_lib.step_flops(config_from_any(config.model), int(config.stage), batch, length, images).total
+    model_flops = flops_lib.step_flops(config.model, config.stage, batch, length, images).total
     seconds = {m: model_flops / (chips * peak_flops * m) for m in mfu_band}
     return Plan(chips, rows, steps, model_flops, seconds, roofline_step_s)
 
@@ -122,6 +124,7 @@ def main(argv) -> int:
     band = _check(args)
     from llava_jax import aot, cost_model, validate
     from llava_jax.config_files import load_config
+    from llava_jax.train.config import train_config
 
     config = load_config(args.config)
     aot.apply_overrides(config, args)
@@ -130,13 +133,14 @@ def main(argv) -> int:
             config.data.packing = args.packing == "on"
         if args.max_images_per_row:
             config.data.max_images_per_row = args.max_images_per_row
+    config = train_config(config)  # typed once, after every override; passed down as it is
     devices = aot.topology_devices(args.topology)
     validate.check_train(config, len(devices), style="aot", check_paths=False)
     chip = cost_model.Chip.of(devices[0].device_kind)
     roofline = None
     if not args.no_compile:
         roofline = cost_model.step_cost(config, devices).roofline_seconds(cost_model.Chip.per_device(devices))
-    work = Workload(args.samples, args.avg_tokens, args.image_fraction, args.epochs or float(config.num_epochs))
+    work = Workload(args.samples, args.avg_tokens, args.image_fraction, args.epochs or config.num_epochs)
     plan = make_plan(config, work, chips=cost_model.num_chips(devices), peak_flops=chip.peak_flops, mfu_band=band,
                      packing_efficiency=args.packing_efficiency, roofline_step_s=roofline)
 
@@ -153,8 +157,8 @@ def main(argv) -> int:
     for m in band:
         print(f"{m:>6.0%} {plan.seconds_per_step[m]:>8.2f} {plan.hours(m):>8.2f} {plan.chip_hours(m):>11.1f}")
     print(json.dumps(dict(topology=args.topology, chips=plan.chips, device_kind=chip.kind, rows=plan.rows,
-                          steps=plan.steps, global_batch=int(config.global_batch_size),
-                          max_length=int(config.max_length), packing=bool(config.data.packing),
+                          steps=plan.steps, global_batch=config.global_batch_size,
+                          max_length=config.max_length, packing=config.data.packing,
                           packing_efficiency=args.packing_efficiency if config.data.packing else None,
                           model_flops_per_step=plan.model_flops_per_step, roofline_step_s=roofline,
                           mfu={str(m): dict(step_s=plan.seconds_per_step[m], hours=plan.hours(m),

@@ -192,24 +192,22 @@ def candidate_meshes(num_devices: int, batch: Optional[int], microbatch: int, pa
 
 def check_train(config, num_devices: Optional[int], num_processes: int = 1, *, style: str = "train",
                 check_paths: bool = True, check_params: bool = True) -> None:
-    """Raise ConfigError listing every problem of `config` (an ml_collections training config) on
-    `num_devices` devices in `num_processes` processes; each problem says what to set.
-    num_devices None: the checks that do not depend on the machine only."""
-    from llava_jax.models.config import config_from_any
+    """Raise ConfigError listing every problem of `config` (a TrainConfig, or the ml_collections
+    ConfigDict it is made from) on `num_devices` devices in `num_processes` processes; each problem
+    says what to set. num_devices None: the checks that do not depend on the machine only."""
+    from llava_jax.train.config import train_config
 
+    config = train_config(config)  # a key of the wrong type (or a model that cannot be) fails here, alone
     flags = Flags(style)
     problems = []
-    try:
-        model_config = config_from_any(config.model)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"config.model: {e}") from None
+    model_config = config.model
 
     stage = config.stage
     if stage not in STAGES:
         problems.append(f"stage={stage!r} is not a training stage; set {flags.set('stage', 1)} (projector "
                         f"only) or {flags.set('stage', 2)} (projector + LLM)")
 
-    batch, microbatch = int(config.global_batch_size), int(config.microbatch_size or 0)
+    batch, microbatch = config.global_batch_size, config.microbatch_size
     if batch <= 0:
         problems.append(f"global_batch_size={batch} must be positive")
         batch = max(batch, 1)
@@ -233,10 +231,10 @@ def check_train(config, num_devices: Optional[int], num_processes: int = 1, *, s
                 params = None
         problems += _mesh_problems(config, num_devices, batch, microbatch, params, flags)
 
-    images = max(1, int(config.data.max_images_per_row))
+    images = max(1, config.data.max_images_per_row)
     image_tokens = images * max_image_tokens(model_config)
-    length = int(config.max_length)
-    positions = int(model_config.text.max_position_embeddings)
+    length = config.max_length
+    positions = model_config.text.max_position_embeddings
     if length <= image_tokens:
         want = max(min(_round_up(image_tokens + 64, 64), positions), image_tokens + 1)
         worst = (f" (AnyRes worst case: {images} x {image_tokens // images} tokens, an image that fills the largest "
@@ -250,7 +248,7 @@ def check_train(config, num_devices: Optional[int], num_processes: int = 1, *, s
     if check_paths:
         problems += _path_problems(config, flags)
 
-    template = str(config.data.template)
+    template = config.data.template
     from llava_jax.data import conversation as conv
 
     names = sorted(conv.TEMPLATES) + sorted(conv.ALIASES)
@@ -267,7 +265,7 @@ def check_train(config, num_devices: Optional[int], num_processes: int = 1, *, s
 def _mesh_problems(config, num_devices: int, batch: int, microbatch: int, params: Optional[list],
                    flags: Flags) -> list:
     """The mesh against the device count, the batch against data x fsdp, parameters against their axes."""
-    raw = (int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
+    raw = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     mesh = resolve_mesh(raw, num_devices)
     candidates = candidate_meshes(num_devices, batch, microbatch, params)
     if candidates:
@@ -319,12 +317,12 @@ def check_tokenizer(config, tokenizer) -> None:
     placeholder id excepted: it only marks where image features go), and the template must suit the
     tokenizer (the conversation module's own check: e.g. its answer-closing token is one token)."""
     from llava_jax.data import conversation as conv
-    from llava_jax.models.config import config_from_any
+    from llava_jax.train.config import train_config
 
-    model_config = config_from_any(config.model)
-    vocab = int(model_config.text.vocab_size)
+    config = train_config(config)
+    vocab = config.model.text.vocab_size
     size = len(tokenizer)
-    allowed = vocab + (1 if int(model_config.image_token_id) == vocab else 0)
+    allowed = vocab + (1 if config.model.image_token_id == vocab else 0)
     if size > allowed:
         raise ConfigError(f"the tokenizer has {size} tokens but the model's embedding table has {vocab} rows "
                           f"(model.text.vocab_size); use the tokenizer the model was trained with "
@@ -348,17 +346,17 @@ def _path_problems(config, flags: Flags) -> list:
                             f"point it at a llava-jax model folder or training workdir")
     if config.tokenizer and not _remote(config.tokenizer) and not os.path.isdir(config.tokenizer):
         problems.append(f"tokenizer: {missing_folder_message(config.tokenizer, 'tokenizer folder')}")
-    source = str(config.data.source)
+    source = config.data.source
     if source == "json":
-        for path in filter(None, (p.strip() for p in str(config.data.json_path).split(","))):
+        for path in filter(None, (p.strip() for p in config.data.json_path.split(","))):
             if not _remote(path) and not os.path.exists(path):
                 problems.append(f"data.json_path: no such file: {path}; set {flags.set('data.json_path', 'FILE')}")
-        folder = str(config.data.image_folder)
+        folder = config.data.image_folder
         if folder and not _remote(folder) and not os.path.isdir(folder):
             problems.append(f"data.image_folder: no such folder: {folder}; set "
                             f"{flags.set('data.image_folder', 'FOLDER')}")
     elif source == "arrayrecord":
-        folder = str(config.data.arrayrecord_dir)
+        folder = config.data.arrayrecord_dir
         if not folder or (not _remote(folder) and not os.path.isdir(folder)):
             problems.append(f"data.arrayrecord_dir: no such folder: {folder!r}; set "
                             f"{flags.set('data.arrayrecord_dir', 'FOLDER')}")

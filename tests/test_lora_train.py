@@ -10,6 +10,7 @@ from flax import nnx
 
 from llava_jax import checkpoint, peft_io, validate
 from llava_jax.models import lora as lora_lib
+from llava_jax.models.config import config_from_any
 from llava_jax.models.llava import LlavaModel
 from llava_jax.testing.batches import make_batch
 from llava_jax.testing.processes import REPO
@@ -24,7 +25,7 @@ def _make_base(folder):
     from llava_jax.config_files import load_config
 
     config = load_config(f"{TINY}:stage2")
-    cfg = loop.config_from_any(config.model)
+    cfg = config_from_any(config.model)
     rng = np.random.default_rng(7)
     params = jax.tree.map(lambda t: (rng.normal(size=t.shape) * 0.05).astype(np.float32),
                           checkpoint.params_target(cfg, host=True))

@@ -416,18 +416,20 @@ def build_iterator(source, tokenizer, sample_spec: SampleSpec, batch_spec: Batch
 
 
 def make_source(config, model_config=None, split: str = "train"):
-    """The record source config.data.* describes, for 'train' or 'eval'."""
+    """The record source config.data.* describes, for 'train' or 'eval'. `config` is the training
+    config as its entry point typed it (llava_jax.train.config.TrainConfig; a ConfigDict reads the
+    same): the data layer reads fields and casts nothing."""
     d = config.data
     kind = d.source
     if kind == "synthetic":
         image_size = model_config.vision.image_size if model_config is not None else 28
-        size = int(d.synthetic_size) if split == "train" else max(8, int(d.synthetic_size) // 8)
-        return sources_lib.SyntheticSource(size=size, seed=int(config.seed) + (0 if split == "train" else 1000),
+        size = d.synthetic_size if split == "train" else max(8, d.synthetic_size // 8)
+        return sources_lib.SyntheticSource(size=size, seed=config.seed + (0 if split == "train" else 1000),
                                            image_size=image_size, captions_only=(d.template == "plain"))
     if kind == "json":
         path = d.json_path if split == "train" else d.eval_json_path
         return sources_lib.json_mixture(path, d.image_folder, d.weights if split == "train" else "",
-                                        seed=int(d.shuffle_seed))
+                                        seed=d.shuffle_seed)
     if kind == "arrayrecord":
         directory = d.arrayrecord_dir if split == "train" else d.eval_arrayrecord_dir
         if not directory:
@@ -449,26 +451,26 @@ def make_train_iterator(config, tokenizer, model_config, *, process_index: Optio
     mc = config_from_any(model_config)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    global_batch = int(config.global_batch_size)
+    global_batch = config.global_batch_size
     if global_batch % process_count:
         raise ValueError(f"global_batch_size={global_batch} is not divisible by {process_count} processes")
     d = config.data
-    max_length = int(config.max_length)
+    max_length = config.max_length
     sample_spec = SampleSpec(template=d.template, image_aspect=d.image_aspect, image_size=mc.vision.image_size,
                              image_token_id=mc.image_token_id, num_image_tokens=mc.num_image_tokens,
-                             max_length=max_length, max_images_per_row=int(d.max_images_per_row),
+                             max_length=max_length, max_images_per_row=d.max_images_per_row,
                              grid_pinpoints=mc.image_grid_pinpoints, patch_size=mc.vision.patch_size)
     batch_spec = BatchSpec(batch_size=global_batch // process_count, max_length=max_length,
-                           image_size=mc.vision.image_size, max_images_per_row=int(d.max_images_per_row),
-                           packing=bool(d.packing), pad_token_id=mc.pad_token_id, strict=bool(d.strict),
+                           image_size=mc.vision.image_size, max_images_per_row=d.max_images_per_row,
+                           packing=d.packing, pad_token_id=mc.pad_token_id, strict=d.strict,
                            num_tiles=anyres.max_tiles(mc.image_grid_pinpoints, mc.vision.image_size)
                            if mc.anyres else 0)
     is_train = split == "train"
     return build_iterator(
         make_source(config, mc, split), tokenizer, sample_spec, batch_spec,
-        seed=int(d.shuffle_seed), shuffle=is_train, num_epochs=num_epochs if is_train else 1,
-        process_index=process_index, process_count=process_count, num_workers=int(d.num_workers),
-        group_by_modality_length=bool(d.group_by_modality_length) and is_train)
+        seed=d.shuffle_seed, shuffle=is_train, num_epochs=num_epochs if is_train else 1,
+        process_index=process_index, process_count=process_count, num_workers=d.num_workers,
+        group_by_modality_length=d.group_by_modality_length and is_train)
 
 
 def to_global(batch: dict, mesh_or_shardings) -> dict:

@@ -27,11 +27,11 @@ import numpy as np
 
 from llava_jax import checkpoint, peft_io, sharding, validate
 from llava_jax.models import lora as lora_lib
-from llava_jax.models.config import config_from_any
 from llava_jax.train import flops as flops_lib
 from llava_jax.train import optim
 from llava_jax.train import step as step_lib
 from llava_jax.train.checkpointer import TrainCheckpointer
+from llava_jax.train.config import SCHEMA_FILE, TrainConfig, train_config
 from llava_jax.train.metrics import MetricsWriter
 from llava_jax.train.profile import StepProfiler, parse_profile_steps
 from llava_jax.train.setup import train_setup
@@ -72,7 +72,7 @@ def parse_flags(argv):
         hint = text[key.end():].strip(" ;") if key else text
         hint = hint[:1].lower() + hint[1:]
         raise UserError(f"{flag or 'a --config. override'}: no such config key" + (f"; {hint}" if hint else "")
-                        + " (every key and its default: llava_jax/train/defaults.py)") from e
+                        + f" (every key and its default: {SCHEMA_FILE})") from e
     if fv.config is None:
         raise UserError("--config configs/X.py[:ARG] is required")
     if not fv.workdir:
@@ -134,10 +134,12 @@ def main(argv) -> int:
 
 # ----- pieces ---------------------------------------------------------------------------------
 
-def resolve_tokenizer(config, workdir: Optional[str] = None):
+def resolve_tokenizer(config: TrainConfig, workdir: Optional[str] = None):
     """config.tokenizer (a folder), else init.base's checkpoint folder, else the one a previous run
     saved in the workdir; for the synthetic source without any, a small tokenizer is built."""
     from transformers import AutoTokenizer
+
+    config = train_config(config)
 
     if config.tokenizer:
         return AutoTokenizer.from_pretrained(config.tokenizer)
@@ -164,14 +166,16 @@ def synthetic_tokenizer(config, max_records: int = 1024):
     from llava_jax.data import conversation as conv
     from llava_jax.data.pipeline import make_source
 
+    config = train_config(config)
+
     template = conv.get_template(config.data.template)
     if template.style == "hf":
         raise validate.ConfigError(f"data.template={config.data.template!r} renders with a tokenizer's own "
                                    f"chat_template, and the synthetic source's built-in tokenizer has none; "
                                    f"set --config.data.template=chatml (or vicuna_v1), or "
                                    f"--config.tokenizer=FOLDER with a chat_template")
-    mc = config_from_any(config.model)
-    base_size = int(mc.image_token_id)
+    mc = config.model
+    base_size = mc.image_token_id
     markers = [conv.IM_START, template.end] if template.end else []  # ChatML's turn markers
     specials = ["<unk>", "<s>", "</s>"] + markers
     splits = [pre_tokenizers.Split("\n", behavior="isolated")] if markers else []
@@ -209,14 +213,14 @@ def default_data_factory(config, tokenizer, model_config, *, process_index, proc
                                process_count=process_count, split=split)
 
 
-def resolve_total_steps(config, data_iter) -> int:
+def resolve_total_steps(config: TrainConfig, data_iter) -> int:
     if config.total_steps > 0:
-        return int(config.total_steps)
+        return config.total_steps
     size = getattr(data_iter, "num_records", None)
     if not size:
         raise ValueError("config.total_steps is 0 but the data iterator does not report its size "
                          "(num_records); set --config.total_steps=N")
-    return max(1, int(config.num_epochs * size) // int(config.global_batch_size))
+    return max(1, int(config.num_epochs * size) // config.global_batch_size)
 
 
 def to_global_batch(local: dict, mesh) -> dict:
@@ -231,7 +235,7 @@ def to_global_batch(local: dict, mesh) -> dict:
     return out
 
 
-def load_initial_weights(config, state: dict, layout, lora=None) -> dict:
+def load_initial_weights(config: TrainConfig, state: dict, layout, lora=None) -> dict:
     """Overwrite the random init with init.base (any parameters it holds) and init.stage1's projector.
 
     With LoRA the base's float32 projection kernels are cast or quantized to lora.base_dtype."""
@@ -282,15 +286,18 @@ class _StopSignal:
 # ----- the loop -------------------------------------------------------------------------------
 
 def train(config, workdir: str, *, data_factory: Optional[Callable] = None, progress: bool = True) -> dict:
-    """Run (or resume) training. -> {'status', 'step', 'masked_batches', 'last_metrics'}; a run whose
-    workdir already holds step total_steps trains nothing and adds already_done=True
-    (masked_batches None)."""
+    """Run (or resume) training of `config` (a TrainConfig, or the ConfigDict it is made from).
+    -> {'status', 'step', 'masked_batches', 'last_metrics'}; a run whose workdir already holds step
+    total_steps trains nothing and adds already_done=True (masked_batches None).
+    data_factory(config, tokenizer, model_config, *, process_index, process_count, split="train") is
+    given the TrainConfig."""
+    config = train_config(config)
     data_factory = data_factory or default_data_factory
     # Everything that would otherwise fail inside JAX / Grain / Orbax, said with its fix, before any work.
     validate.check_train(config, jax.device_count(), jax.process_count())
-    parse_profile_steps(config.get("profile_steps", ""))  # a bad value fails before anything compiles
-    model_config = config_from_any(config.model)
-    stage = int(config.stage)
+    parse_profile_steps(config.profile_steps)  # a bad value fails before anything compiles
+    model_config = config.model
+    stage = config.stage
     optim.trainable_roots(stage)  # validates the stage early
     lora = lora_config(config, model_config, stage)
     workdir = os.path.abspath(workdir)
@@ -313,7 +320,7 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
         # What chat / serve / eval need to prompt this checkpoint the way it was trained.
         with open(os.path.join(workdir, "inference.json"), "w") as f:
             json.dump({"template": config.data.template, "image_aspect": config.data.image_aspect}, f)
-    ckpt = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints))
+    ckpt = TrainCheckpointer(workdir, keep=config.keep_checkpoints)
 
     start = ckpt.latest_step()
     if start is not None and start >= total_steps:
@@ -347,10 +354,10 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
 
     eval_iter_factory = _eval_factory(config, tokenizer, model_config, data_factory)
     writer = MetricsWriter(workdir, total_steps, initial_step=start, enabled=is_main, progress=progress)
-    peak = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.peak_flops(jax.devices()[0])
+    peak = config.peak_flops_per_device or flops_lib.peak_flops(jax.devices()[0])
 
     status, step, last = "finished", start, {}
-    profiler = StepProfiler(config.get("profile_steps", ""), workdir)
+    profiler = StepProfiler(config.profile_steps, workdir)
     pending, timer, timed_steps, step_flops = [], None, 0, None
     with jax.set_mesh(mesh), _StopSignal() as stop:
         train_step = eval_step = None
@@ -377,20 +384,20 @@ def train(config, workdir: str, *, data_factory: Optional[Callable] = None, prog
                 else:
                     timed_steps += 1
 
-                if step % int(config.log_every) == 0 or step == total_steps:
+                if step % config.log_every == 0 or step == total_steps:
                     last, masked_batches = _log(writer, step, pending, timer, timed_steps, step_flops,
                                                 mesh.size, peak, masked_batches)
                     pending, timer, timed_steps = [], time.perf_counter(), 0
-                if eval_iter_factory and config.eval_every and step % int(config.eval_every) == 0:
+                if eval_iter_factory and config.eval_every and step % config.eval_every == 0:
                     if eval_step is None:
                         eval_step = setup.jit_eval_step(batch_sh)
-                    eval_loss = _evaluate(eval_step, state, eval_iter_factory(), int(config.eval_batches), mesh)
+                    eval_loss = _evaluate(eval_step, state, eval_iter_factory(), config.eval_batches, mesh)
                     writer.write(step, {"loss": eval_loss}, prefix="eval_")
                     timer = time.perf_counter()
                 writer.advance(step)
 
                 stopping = stop.should_stop()
-                if step % int(config.checkpoint_every) == 0 or step == total_steps or stopping:
+                if step % config.checkpoint_every == 0 or step == total_steps or stopping:
                     if pending:  # the masked-batch counter in the checkpoint must include every step
                         last, masked_batches = _log(writer, step, pending, timer, timed_steps, step_flops,
                                                     mesh.size, peak, masked_batches)
@@ -415,17 +422,17 @@ def _say(message: str) -> None:
         print(f"llava-jax train: {message}", file=sys.stderr, flush=True)
 
 
-def _save(ckpt, step, state, data_iter, config, masked_batches, lora=None):
-    meta = dict(stage=int(config.stage), masked_batches=int(masked_batches), config=config.to_json())
+def _save(ckpt, step, state, data_iter, config: TrainConfig, masked_batches, lora=None):
+    meta = dict(stage=config.stage, masked_batches=int(masked_batches), config=config.to_json())
     # A LoRA run saves only what trains (adapters + projector); its base is init.base (lora.json).
     params = step_lib.merged_params(state) if lora is None else state["params"]
     ckpt.save(step, params, state["opt_state"], data_iter.get_state(), meta)
 
 
-def lora_config(config, model_config, stage: int):
-    """config.lora as a LoraConfig (None when rank is 0), refused before anything is built when it
-    cannot train: a stage other than 2, no base to adapt, a target or rank that does not fit."""
-    lora = lora_lib.from_config(config.get("lora"))
+def lora_config(config: TrainConfig, model_config, stage: int):
+    """config.adapters (the LoraConfig of config.lora; None when rank is 0), refused before anything is
+    built when it cannot train: a stage other than 2, no base to adapt, a target or rank that does not fit."""
+    lora = train_config(config).adapters
     if lora is None:
         return None
     if stage != 2:
@@ -467,7 +474,7 @@ def _log(writer, step, pending, timer, timed_steps, step_flops, num_devices, pea
     return record, masked_batches
 
 
-def _eval_factory(config, tokenizer, model_config, data_factory):
+def _eval_factory(config: TrainConfig, tokenizer, model_config, data_factory):
     has_eval = bool(config.data.eval_json_path or config.data.eval_arrayrecord_dir
                     or config.data.source == "synthetic")
     if not (config.eval_every and has_eval):

@@ -13,11 +13,12 @@ import optax
 
 from llava_jax.train import optim
 from llava_jax.train import step as step_lib
+from llava_jax.train.config import TrainConfig, train_config
 
 
-def num_microbatches(config) -> int:
+def num_microbatches(config: TrainConfig) -> int:
     """Accumulation microbatches per step from config.microbatch_size (0, or >= the global batch: 1)."""
-    mb = int(config.microbatch_size or 0)
+    mb = config.microbatch_size
     if mb <= 0 or mb >= config.global_batch_size:
         return 1
     if config.global_batch_size % mb:
@@ -54,13 +55,15 @@ class TrainSetup:
 
 
 def train_setup(config, model_config, mesh, total_steps: int, *, lora=None) -> TrainSetup:
-    """The train step of training config `config` (its optim, stage, seed, microbatch_size and
-    loss_chunk_size) for `model_config` on `mesh`, with the learning-rate schedule over total_steps.
-    Nothing is allocated. lora: a LoraConfig (its adapter dropout is seeded by config.seed)."""
-    stage, seed = int(config.stage), int(config.seed)
+    """The train step of training config `config` (a TrainConfig or its ConfigDict: its optim, stage,
+    seed, microbatch_size and loss_chunk_size) for `model_config` on `mesh`, with the learning-rate
+    schedule over total_steps. Nothing is allocated. lora: a LoraConfig (its adapter dropout is seeded
+    by config.seed); the caller decides it, as config.adapters or not (a benchmark may try LoRA on a
+    config that has none)."""
+    config = train_config(config)
+    stage, seed = config.stage, config.seed
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
     layout = step_lib.state_layout(model_config, stage, tx, mesh, seed=seed, lora=lora)
-    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, num_microbatches(config),
-                             int(config.get("loss_chunk_size", 0)),
+    spec = step_lib.StepSpec(layout.graphdef, tx, schedule, num_microbatches(config), config.loss_chunk_size,
                              dropout_seed=seed if lora is not None and lora.dropout > 0 else None)
     return TrainSetup(tx, schedule, layout, spec, mesh, model_config, stage, seed, lora)
