@@ -47,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--mesh", default="", help="data,fsdp,tensor (one may be -1; default: the config's)")
     p.add_argument("--microbatch", type=int, default=None, help="rows per accumulation microbatch (0 = none)")
     p.add_argument("--remat", default="", help="remat policy: none | nothing_saveable | dots_saveable | "
-                   "dots_with_no_batch_dims_saveable")
+                   "dots_with_no_batch_dims_saveable | save_qkv_proj | offload_qkv_proj "
+                   "(llava_jax.models.layers.REMAT_POLICIES)")
     p.add_argument("--max-length", type=int, default=0, help="tokens per row (default: the config's)")
     p.add_argument("--hbm-bytes", type=int, default=0, help="override the per-device HBM size")
     p.add_argument("--attention", default="", choices=["", "auto", "xla", "xla_blocked", "splash"],
