@@ -71,8 +71,8 @@ def free_port() -> int:
 
 
 # --schedulers names -> serve flags
-SCHEDULERS = {"window": ["--scheduler", "window"], "engine": ["--scheduler", "engine"],
-              "engine-no-ahead": ["--scheduler", "engine", "--prefill-ahead", "0"]}
+SCHEDULERS = {"window": ["--scheduler", "window"], "engine": ["--scheduler", "engine", "--precompile"],
+              "engine-no-ahead": ["--scheduler", "engine", "--prefill-ahead", "0", "--precompile"]}
 
 
 class ServerProcess:

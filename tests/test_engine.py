@@ -165,6 +165,17 @@ def test_one_request_decodes_one_row(generator):
     assert engine.stats["steps_of_4_rows"] > 0 and engine.stats["steps_of_8_rows"] == 0
 
 
+def test_precompile_covers_every_greedy_decode_shape(generator):
+    config = generator.config
+    engine = Engine(generator, max_batch=4, eos_ids=[], max_context=128)
+    assert engine.precompile() == len(engine.row_buckets) * len(engine.cache_lengths) == 3 * 2
+    before = TRACE_COUNTS["engine_decode"]
+    requests = make_requests(config, [(20, True, 30), (25, False, 60), (21, True, 8)], seed=8)
+    run_staggered(engine, requests, [0, 1, 3])
+    assert TRACE_COUNTS["engine_decode"] == before
+    assert [r.tokens for r in requests] == [solo(generator, r, eos_token_id=[]) for r in requests]
+
+
 def test_compiled_shapes_stay_bounded(generator):
     config = generator.config
     engine = Engine(generator, max_batch=4, eos_ids=[])

@@ -24,8 +24,8 @@ index, the rows are rolled right first. The cache grows through a few lengths (`
 the rows need them, and starts again at the smallest when the engine falls idle, so attention reads
 about as many slots as the longest live row needs.
 
-Compiled shapes (all bounded): decode: one per (row bucket, cache length, sampling on/off,
-sampling filter width); prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
+Compiled shapes (all bounded, compiled on first use; `precompile()` compiles the greedy decode
+shapes up front): decode: one per (row bucket, cache length, sampling on/off, sampling filter width); prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
 prompt bucket x image-count bucket); insert: (prefill rows, prompt bucket, cache length); rebase:
 one per cache length; grow: one per pair of consecutive cache lengths. LLaVA-1.6 (AnyRes) requests
 carry `image_sizes`; `submit` checks them (`generate.prepare_images`) and their layouts enter the
@@ -306,6 +306,27 @@ class Engine:
             self.stats["requests"] += 1
             self._cond.notify()
         return request
+
+    def precompile(self) -> int:
+        """Compile the greedy decode step for every (row block, cache length) now, before `start()`,
+        so that no request waits for one of those compiles later -> how many shapes. (Prefill shapes
+        and sampled decoding still compile on first use.)"""
+        if self._thread is not None:
+            raise RuntimeError("precompile() before start(): the engine thread owns the cache")
+        pad = np.full((self.max_batch,), self.pad_id, np.int32)
+        zeros = np.zeros((self.max_batch,), np.int32)
+        count = 0
+        with self._mesh():
+            for length in self.cache_lengths:
+                cache = self._new_cache(length)
+                for rows in self.row_buckets:
+                    _, cache = self._decode(self.generator.state, cache, pad, zeros, zeros,
+                                            np.zeros((self.max_batch,), np.float32), zeros,
+                                            np.ones((self.max_batch,), np.float32),
+                                            np.zeros((self.max_batch,), np.uint32), num_steps=self.chunk_size,
+                                            sample=False, width=0, rows=rows)
+                    count += 1
+        return count
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="llava-jax-engine", daemon=True)

@@ -204,14 +204,19 @@ class Service:
 
     def __init__(self, chat_model, model_id: str, limits: Limits = Limits(), max_batch: int = 8,
                  batch_window_s: float = 0.02, scheduler: str = "engine", chunk_size: int = 1,
-                 prefill_ahead: Optional[int] = None):
+                 prefill_ahead: Optional[int] = None, precompile: bool = False):
         self.chat_model, self.model_id, self.limits = chat_model, model_id, limits
         self.context = limits.max_context or chat_model.config.text.max_position_embeddings
         kw = dict(max_batch=max_batch, max_queue=limits.max_queue, max_context=self.context,
                   eos_ids=chat_model.eos_ids, pad_id=chat_model.pad_id, tokenizer=chat_model.tokenizer)
         if scheduler == "engine":
-            self.scheduler = Engine(chat_model.generator, chunk_size=chunk_size, prefill_ahead=prefill_ahead,
-                                    **kw).start()
+            engine = Engine(chat_model.generator, chunk_size=chunk_size, prefill_ahead=prefill_ahead, **kw)
+            if precompile:
+                started = time.monotonic()
+                shapes = engine.precompile()
+                print(f"compiled {shapes} decode shapes in {time.monotonic() - started:.1f} s", file=sys.stderr,
+                      flush=True)
+            self.scheduler = engine.start()
         elif scheduler == "window":
             from llava_jax.infer.window_scheduler import WindowScheduler
 
@@ -548,11 +553,13 @@ class Server:
 
 def make_server(chat_model, host: str = "127.0.0.1", port: int = 8000, model_id: str = "llava-jax",
                 limits: Limits = Limits(), max_batch: int = 8, batch_window_s: float = 0.02,
-                scheduler: str = "engine", chunk_size: int = 1, prefill_ahead: Optional[int] = None) -> Server:
+                scheduler: str = "engine", chunk_size: int = 1, prefill_ahead: Optional[int] = None,
+                precompile: bool = False) -> Server:
     """An HTTP server bound to (host, port) (port 0 = any free port); call serve_forever().
     `batch_window_s` only matters to scheduler='window' (the scheduler before the slot engine)."""
     service = Service(chat_model, model_id, limits, max_batch=max_batch, batch_window_s=batch_window_s,
-                      scheduler=scheduler, chunk_size=chunk_size, prefill_ahead=prefill_ahead)
+                      scheduler=scheduler, chunk_size=chunk_size, prefill_ahead=prefill_ahead,
+                      precompile=precompile)
     return Server(service, host, port)
 
 
@@ -568,6 +575,9 @@ def parse_args(argv):
     p.add_argument("--prefill-ahead", type=int, default=None,
                    help="requests prefilled (first token streamed) while they wait for a decode slot "
                         "(default: --max-batch; 0: prefill only into free slots)")
+    p.add_argument("--precompile", action="store_true",
+                   help="compile the decode step for every row block and cache length before serving "
+                        "(no request waits for one of those compiles)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot beyond which the server answers 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -596,7 +606,7 @@ def main(argv=None) -> int:
                     request_timeout_s=args.request_timeout)
     server = make_server(chat_model, args.host, args.port, model_id, limits, max_batch=args.max_batch,
                          batch_window_s=args.batch_window_ms / 1000, scheduler=args.scheduler,
-                         prefill_ahead=args.prefill_ahead)
+                         prefill_ahead=args.prefill_ahead, precompile=args.precompile)
     server.verbose = args.verbose
     host, port = server.server_address[:2]
     # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C. While uvicorn runs it catches the
