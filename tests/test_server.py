@@ -192,6 +192,8 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     assert _metric(server, "llava_inter_token_latency_seconds_count") >= 1
     assert _metric(server, "llava_busy_slots") == 0 and _metric(server, "llava_queue_length") == 0
     assert _metric(server, "llava_prefilled_waiting") == 0
+    assert _metric(server, 'llava_engine_seconds{phase="prefill"}') > 0
+    assert _metric(server, 'llava_engine_seconds{phase="decode"}') > 0
     assert _metric(server, "llava_decode_slots") == 8
 
 

@@ -272,7 +272,9 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
-        self.stats = collections.Counter()  # steps, prefills, rebases, grows, requests, finished_<reason>
+        # steps, prefills, rebases, grows, requests, finished_<reason>, prefill_seconds / decode_seconds
+        # (wall time in those calls, device work included)
+        self.stats = collections.Counter()
 
     # -- public
     def capacity(self, prompt_length: int) -> int:
@@ -464,6 +466,7 @@ class Engine:
             free = free[len(readies):]
 
     def _prefill_group(self, requests):
+        started = time.perf_counter()
         try:
             first, positions, cache, prompt = self._prefill(requests)
         except Exception as e:  # e.g. a shape the model cannot take: fail these requests only
@@ -471,6 +474,7 @@ class Engine:
                 self._finish_error(r, f"prefill failed: {type(e).__name__}: {e}")
             return
         self.stats["prefills"] += 1
+        self.stats["prefill_seconds"] += time.perf_counter() - started  # np.asarray(first) waited for it
         prefilled = _Prefilled(cache, prompt)
         for i, request in enumerate(requests):
             ready = _Ready(request, _StopMatcher(request.stop, self.tokenizer), prefilled, i, int(first[i]),
@@ -585,6 +589,7 @@ class Engine:
             temperature[row], top_k[row], top_p[row], seeds[row] = r.temperature, r.top_k, r.top_p, r.seed
         sample = bool(np.any(temperature > 0))
         width = filter_width(temperature, top_k, top_p, self.config.text.vocab_size) if sample else 0
+        started = time.perf_counter()
         out, self.cache = self._decode(self.generator.state, self.cache, tokens, positions, steps, temperature,
                                        top_k, top_p, seeds, num_steps=steps_ahead, sample=sample, width=width,
                                        rows=rows)
@@ -592,6 +597,7 @@ class Engine:
         self.stats["steps"] += steps_ahead
         self.stats[f"steps_of_{rows}_rows"] += steps_ahead
         out = np.asarray(out)
+        self.stats["decode_seconds"] += time.perf_counter() - started
         for row in active:
             slot = self.slots[row]
             for i in range(steps_ahead):

@@ -30,6 +30,11 @@ class ServerMetrics:
         ahead = Gauge("llava_prefilled_waiting", "Prefilled requests (first token sent) waiting for a slot",
                       registry=r)
         ahead.set_function(lambda: getattr(scheduler, "prefilled_waiting", 0))
+        phases = Gauge("llava_engine_seconds", "Wall seconds the slot engine spent in prefill / decode calls",
+                       ["phase"], registry=r)
+        stats = getattr(scheduler, "stats", {})
+        for phase in ("prefill", "decode"):
+            phases.labels(phase).set_function(lambda key=f"{phase}_seconds": float(stats.get(key, 0.0)))
         busy = Gauge("llava_busy_slots", "Decode slots in use", registry=r)
         busy.set_function(lambda: scheduler.busy_slots)
         Gauge("llava_decode_slots", "Decode slots (--max-batch)", registry=r).set(scheduler.max_batch)
