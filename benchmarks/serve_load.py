@@ -14,7 +14,8 @@ arrivals, mean --think-s) before each request; prompts of 8-120 words, half with
 include_usage). A run stops sending after --seconds and waits for what is in flight (bounded by the
 server's request timeout). Reported per (scheduler, N): completed requests, errors, throughput
 (completion tokens / wall time), TTFT p50/p99 (send -> first content chunk) and inter-token latency
-p50/p99 (between content chunks). Before the measured runs each server gets an unmeasured warm-up
+p50/p99 (between content chunks); for the slot engine also the share of its busy time spent in
+prefill calls and how much of the run it was busy (from /metrics, llava_engine_seconds). Before the measured runs each server gets an unmeasured warm-up
 (bursts of every batch size and image count, then --warmup-s of load) that compiles its shapes into
 a persistent compilation cache (--jax-cache), so the measured runs time steady-state serving.
 
@@ -193,6 +194,18 @@ def run_load(port: int, clients: int, seconds: float, think_s: float, seed: int,
             "itl_p50_ms": 1e3 * pct(gaps, 50), "itl_p99_ms": 1e3 * pct(gaps, 99)}
 
 
+def engine_seconds(port: int) -> dict:
+    """The server's llava_engine_seconds{phase} samples (0 for the window scheduler)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    out = {}
+    for phase in ("prefill", "decode"):
+        sample = f'llava_engine_seconds{{phase="{phase}"}} '
+        out[phase] = next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample)), 0.0)
+    return out
+
+
 def warm_up(port: int, max_batch: int, image: str):
     """Unmeasured: bursts of 1, 2, 4 ... max_batch simultaneous requests with 0, 1, half, all of them
     with an image, so the batch / image-count shapes are compiled before the measured runs."""
@@ -232,14 +245,20 @@ def main(argv=None) -> int:
             warm_up(server.port, args.max_batch, image)
             run_load(server.port, 16, args.warmup_s, 0.2, seed=99, image=image)
             for n in clients:
+                before = engine_seconds(server.port)
                 row = {"scheduler": scheduler, **run_load(server.port, n, args.seconds, args.think_s, seed=n,
                                                           image=image)}
+                after = engine_seconds(server.port)
+                spent = {k: after[k] - before[k] for k in after}
+                if sum(spent.values()) > 0:  # the engine's split of its busy time, and how busy it was
+                    row["prefill_share"] = spent["prefill"] / sum(spent.values())
+                    row["engine_busy"] = sum(spent.values()) / row["wall_s"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
             server.close()
     C.print_table(rows, ["scheduler", "clients", "requests", "errors", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-                         "itl_p50_ms", "itl_p99_ms"], title="serve_load")
+                         "itl_p50_ms", "itl_p99_ms", "prefill_share", "engine_busy"], title="serve_load")
     payload = {"machine": C.machine_info(), "args": vars(args), "rows": rows}
     C.write_json("serve_load", payload, args.json)
     return 0
