@@ -151,24 +151,10 @@ def test_prefill_ahead_streams_first_tokens_before_a_slot_frees(generator):
     assert [len(r.tokens) for r in late] == [2, 0]
 
 
-def test_one_request_decodes_one_row(generator):
-    """Requests take the lowest free row and a decode step runs the smallest power-of-two block of
-    rows that holds the busy ones: a lone request does not pay for max_batch rows."""
-    config = generator.config
-    engine = Engine(generator, max_batch=8, eos_ids=[])
-    alone = make_requests(config, [(12, True, 10)], seed=6)
-    engine.run_until_done(alone)
-    assert engine.stats["steps_of_1_rows"] == engine.stats["steps"] == 9
-    assert alone[0].tokens == solo(generator, make_requests(config, [(12, True, 10)], seed=6)[0],
-                                   eos_token_id=[])
-    engine.run_until_done(make_requests(config, [(12, True, 4)] * 3, seed=7))
-    assert engine.stats["steps_of_4_rows"] > 0 and engine.stats["steps_of_8_rows"] == 0
-
-
 def test_precompile_covers_every_greedy_decode_shape(generator):
     config = generator.config
     engine = Engine(generator, max_batch=4, eos_ids=[], max_context=128)
-    assert engine.precompile() == len(engine.row_buckets) * len(engine.cache_lengths) == 3 * 2
+    assert engine.precompile() == len(engine.cache_lengths) == 2
     before = TRACE_COUNTS["engine_decode"]
     requests = make_requests(config, [(20, True, 30), (25, False, 60), (21, True, 8)], seed=8)
     run_staggered(engine, requests, [0, 1, 3])
@@ -179,7 +165,6 @@ def test_precompile_covers_every_greedy_decode_shape(generator):
 def test_compiled_shapes_stay_bounded(generator):
     config = generator.config
     engine = Engine(generator, max_batch=4, eos_ids=[])
-    # every row block (1, 2, 4) compiled once
     run_staggered(engine, make_requests(config, [(20, True, 8), (25, False, 8), (21, True, 8)], seed=3), [0, 1, 3])
     before = dict(TRACE_COUNTS)
     # other prompt lengths in the same buckets, arriving at other steps: nothing new to compile

@@ -8,10 +8,10 @@ The design of JetStream's engine and vLLM's iteration-level scheduling, on the m
   requests beyond the free rows are prefilled ahead and held (their small caches) until rows free
   up, oldest first, so under load a request's first token comes after the prefills queued before
   it rather than after the running answers (its second token then waits for the row);
-- a decode step runs the first `rows` rows of the cache, `rows` the smallest of 1, 2, 4 ...
-  max_batch that covers the highest busy row (a free row below it decodes garbage nobody reads:
-  static shapes); a request takes the lowest free row, so one client decodes one row, not
-  max_batch (on a mesh every step runs all rows: the rows are split over the devices); a row that finishes (EOS, stop, max_tokens, cancelled, timed out) frees its slot at once,
+- every decode step runs all `max_batch` rows (a free row decodes garbage nobody reads: static
+  shapes; decoding only a leading block of rows, through a slice of the cache written back in
+  place, measured slower on XLA:CPU than all 8 rows: BENCHMARKS.md §6); a row that finishes
+  (EOS, stop, max_tokens, cancelled, timed out) frees its slot at once,
   and the next waiting request may take it before the next step.
 
 One write index for all rows. The model's cache has one `index` (the next slot every row writes):
@@ -25,7 +25,8 @@ the rows need them, and starts again at the smallest when the engine falls idle,
 about as many slots as the longest live row needs.
 
 Compiled shapes (all bounded, compiled on first use; `precompile()` compiles the greedy decode
-shapes up front): decode: one per (row bucket, cache length, sampling on/off, sampling filter width); prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
+shapes up front): decode: one per (cache length, sampling on/off, sampling filter width), always
+`max_batch` rows; prefill: the Generator's buckets (rows 1, 2, 4 ... max_batch x
 prompt bucket x image-count bucket); insert: (prefill rows, prompt bucket, cache length); rebase:
 one per cache length; grow: one per pair of consecutive cache lengths. LLaVA-1.6 (AnyRes) requests
 carry `image_sizes`; `submit` checks them (`generate.prepare_images`) and their layouts enter the
@@ -146,19 +147,9 @@ def max_prompt_padding(max_context: int) -> int:
 # ----- the jitted pieces ----------------------------------------------------------------------
 
 def _decode_steps(graphdef, state, cache, tokens, positions, steps, temperature, top_k, top_p, seeds, *,
-                  num_steps, sample, width=0, rows=None):
-    """`num_steps` decode steps of the first `rows` rows (default: all) -> (chosen tokens (rows,
-    num_steps), cache). The other rows' keys and values are left as they are."""
+                  num_steps, sample, width=0):
+    """`num_steps` decode steps of every row -> (chosen tokens (B, num_steps), cache)."""
     TRACE_COUNTS["engine_decode"] += 1
-    full = cache
-    if rows is not None and rows < cache["segment"].shape[0]:
-        # A leading slice of each buffer, written back in place at the end (the cache is donated):
-        # the copies cost a fraction of the step that the rows left out save.
-        kv_heads = cache["layers"][0].k.shape[0] // cache["segment"].shape[0]
-        cache = dict(cache, layers=jax.tree.map(lambda a: a[:rows * kv_heads], cache["layers"]),
-                     segment=cache["segment"][:rows])
-        tokens, positions, steps, temperature, top_k, top_p, seeds = (
-            a[:rows] for a in (tokens, positions, steps, temperature, top_k, top_p, seeds))
     model = nnx.merge(graphdef, state)
     batch = tokens.shape[0]
     ones = jnp.ones((batch, 1), jnp.int32)
@@ -173,10 +164,6 @@ def _decode_steps(graphdef, state, cache, tokens, positions, steps, temperature,
 
     out = jnp.zeros((batch, num_steps), jnp.int32)
     _, _, cache, out = jax.lax.fori_loop(0, num_steps, body, (tokens, positions, cache, out))
-    if cache is not full:
-        put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=0)
-        cache = dict(cache, layers=jax.tree.map(put, full["layers"], cache["layers"]),
-                     segment=put(full["segment"], cache["segment"]))
     return out, cache
 
 
@@ -251,12 +238,7 @@ class Engine:
         self.cache_lengths = tuple(lengths) + ((longest,) if lengths[-1] < longest else ())
 
         self._decode = jax.jit(functools.partial(_decode_steps, gen.graphdef),
-                               static_argnames=("num_steps", "sample", "width", "rows"), donate_argnames=("cache",))
-        # rows a decode step runs: powers of two up to max_batch (all rows on a mesh, where they are
-        # split over the devices)
-        buckets = [self.max_batch] if gen.mesh is not None else \
-            sorted({min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
-        self.row_buckets = tuple(buckets)
+                               static_argnames=("num_steps", "sample", "width"), donate_argnames=("cache",))
         self._insert = jax.jit(_insert, donate_argnames=("cache",))
         self._rebase = jax.jit(_rebase, donate_argnames=("cache",))
         self._grow = jax.jit(extend_cache, static_argnames=("max_length",))  # a new, larger buffer
@@ -310,7 +292,7 @@ class Engine:
         return request
 
     def precompile(self) -> int:
-        """Compile the greedy decode step for every (row block, cache length) now, before `start()`,
+        """Compile the greedy decode step for every cache length now, before `start()`,
         so that no request waits for one of those compiles later -> how many shapes. (Prefill shapes
         and sampled decoding still compile on first use.)"""
         if self._thread is not None:
@@ -320,14 +302,11 @@ class Engine:
         count = 0
         with self._mesh():
             for length in self.cache_lengths:
-                cache = self._new_cache(length)
-                for rows in self.row_buckets:
-                    _, cache = self._decode(self.generator.state, cache, pad, zeros, zeros,
-                                            np.zeros((self.max_batch,), np.float32), zeros,
-                                            np.ones((self.max_batch,), np.float32),
-                                            np.zeros((self.max_batch,), np.uint32), num_steps=self.chunk_size,
-                                            sample=False, width=0, rows=rows)
-                    count += 1
+                self._decode(self.generator.state, self._new_cache(length), pad, zeros, zeros,
+                             np.zeros((self.max_batch,), np.float32), zeros, np.ones((self.max_batch,), np.float32),
+                             np.zeros((self.max_batch,), np.uint32), num_steps=self.chunk_size, sample=False,
+                             width=0)
+                count += 1
         return count
 
     def start(self) -> "Engine":
@@ -573,7 +552,6 @@ class Engine:
                 self._set_index(-oldest)
             self._ensure_length(self.index + steps_ahead)
         active = [row for row, s in enumerate(self.slots) if s is not None]
-        rows = next(b for b in self.row_buckets if b > active[-1])
         tokens = np.full((self.max_batch,), self.pad_id, np.int32)
         positions = np.zeros((self.max_batch,), np.int32)
         steps = np.zeros((self.max_batch,), np.int32)
@@ -591,11 +569,9 @@ class Engine:
         width = filter_width(temperature, top_k, top_p, self.config.text.vocab_size) if sample else 0
         started = time.perf_counter()
         out, self.cache = self._decode(self.generator.state, self.cache, tokens, positions, steps, temperature,
-                                       top_k, top_p, seeds, num_steps=steps_ahead, sample=sample, width=width,
-                                       rows=rows)
+                                       top_k, top_p, seeds, num_steps=steps_ahead, sample=sample, width=width)
         self.index += steps_ahead
         self.stats["steps"] += steps_ahead
-        self.stats[f"steps_of_{rows}_rows"] += steps_ahead
         out = np.asarray(out)
         self.stats["decode_seconds"] += time.perf_counter() - started
         for row in active:

@@ -576,7 +576,7 @@ def parse_args(argv):
                    help="requests prefilled (first token streamed) while they wait for a decode slot "
                         "(default: --max-batch; 0: prefill only into free slots)")
     p.add_argument("--precompile", action="store_true",
-                   help="compile the decode step for every row block and cache length before serving "
+                   help="compile the decode step for every cache length before serving "
                         "(no request waits for one of those compiles)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot beyond which the server answers 429 with Retry-After")
