@@ -422,8 +422,8 @@ class Engine:
 
     def _admit(self):
         """Prefill waiting requests, as many as there are free rows plus up to `prefill_ahead` more
-        (their first token streams now; they wait for a row prefilled), then move the oldest
-        prefilled requests into the free rows."""
+        (every first token streams now; the extra requests wait, prefilled, for a row), then move the
+        oldest prefilled requests into the free rows."""
         free = [row for row, slot in enumerate(self.slots) if slot is None]
         with self._cond:
             room = max(0, len(free) + self.prefill_ahead - len(self._ready))
