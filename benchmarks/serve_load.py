@@ -15,9 +15,10 @@ include_usage). A run stops sending after --seconds and waits for what is in fli
 server's request timeout). Reported per (scheduler, N): completed requests, errors, throughput
 (completion tokens / wall time), TTFT p50/p99 (send -> first content chunk) and inter-token latency
 p50/p99 (between content chunks); for the slot engine also the share of its busy time spent in
-prefill calls and how much of the run it was busy (from /metrics, llava_engine_seconds). Before the measured runs each server gets an unmeasured warm-up
-(bursts of every batch size and image count, then --warmup-s of load) that compiles its shapes into
-a persistent compilation cache (--jax-cache), so the measured runs time steady-state serving.
+prefill calls and how much of the run it was busy (from /metrics, llava_engine_seconds). Before the
+measured runs each server gets an unmeasured warm-up (bursts of every batch size and image count,
+then --warmup-s of load) that compiles its shapes into a persistent compilation cache (--jax-cache),
+so the measured runs time steady-state serving; the engine servers also start with --precompile.
 
   .venv/bin/python benchmarks/serve_load.py [--clients 1,4,16,32] [--seconds 30] [--json PATH]
 """

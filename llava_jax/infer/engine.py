@@ -210,11 +210,11 @@ class Engine:
     """Decode slots over a `Generator`'s model (and mesh).
 
     max_batch: decode slots. prefill_ahead: prefilled requests that may wait for a slot (default
-    max_batch; 0: prefill only into free slots). chunk_size: decode steps per jitted call (1: a row that finishes or is
-    cancelled frees its slot before the next step). max_queue: waiting requests beyond which
-    `submit` raises QueueFull. max_context: the longest prompt + answer a request may ask for
-    (default: the model's max_position_embeddings). eos_ids / pad_id default to the model config's;
-    tokenizer is needed for stop strings.
+    max_batch; 0: prefill only into free slots). chunk_size: decode steps per jitted call (1: a row
+    that finishes or is cancelled frees its slot before the next step). max_queue: waiting requests
+    beyond which `submit` raises QueueFull. max_context: the longest prompt + answer a request may
+    ask for (default: the model's max_position_embeddings). eos_ids / pad_id default to the model
+    config's; tokenizer is needed for stop strings.
     """
 
     def __init__(self, generator, *, max_batch: int = 8, chunk_size: int = 1, max_queue: int = DEFAULT_MAX_QUEUE,
@@ -297,17 +297,12 @@ class Engine:
         and sampled decoding still compile on first use.)"""
         if self._thread is not None:
             raise RuntimeError("precompile() before start(): the engine thread owns the cache")
-        pad = np.full((self.max_batch,), self.pad_id, np.int32)
-        zeros = np.zeros((self.max_batch,), np.int32)
-        count = 0
+        inputs = self._row_inputs()  # every row free: what a greedy step passes, same shapes and dtypes
         with self._mesh():
             for length in self.cache_lengths:
-                self._decode(self.generator.state, self._new_cache(length), pad, zeros, zeros,
-                             np.zeros((self.max_batch,), np.float32), zeros, np.ones((self.max_batch,), np.float32),
-                             np.zeros((self.max_batch,), np.uint32), num_steps=self.chunk_size, sample=False,
-                             width=0)
-                count += 1
-        return count
+                self._decode(self.generator.state, self._new_cache(length), *inputs, num_steps=self.chunk_size,
+                             sample=False, width=0)
+        return len(self.cache_lengths)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="llava-jax-engine", daemon=True)
@@ -552,19 +547,7 @@ class Engine:
                 self._set_index(-oldest)
             self._ensure_length(self.index + steps_ahead)
         active = [row for row, s in enumerate(self.slots) if s is not None]
-        tokens = np.full((self.max_batch,), self.pad_id, np.int32)
-        positions = np.zeros((self.max_batch,), np.int32)
-        steps = np.zeros((self.max_batch,), np.int32)
-        temperature = np.zeros((self.max_batch,), np.float32)
-        top_k = np.zeros((self.max_batch,), np.int32)
-        top_p = np.ones((self.max_batch,), np.float32)
-        seeds = np.zeros((self.max_batch,), np.uint32)
-        for row in active:
-            s = self.slots[row]
-            r = s.request
-            # a row's step number = tokens chosen so far (the Generator's numbering: prefill is 0)
-            tokens[row], positions[row], steps[row] = s.token, s.position, len(r.tokens)
-            temperature[row], top_k[row], top_p[row], seeds[row] = r.temperature, r.top_k, r.top_p, r.seed
+        tokens, positions, steps, temperature, top_k, top_p, seeds = self._row_inputs()
         sample = bool(np.any(temperature > 0))
         width = filter_width(temperature, top_k, top_p, self.config.text.vocab_size) if sample else 0
         started = time.perf_counter()
@@ -582,6 +565,25 @@ class Engine:
                 self._record(row, int(out[row, i]))
             if self.slots[row] is slot:
                 slot.token, slot.position = int(out[row, -1]), slot.position + steps_ahead
+
+    def _row_inputs(self) -> tuple:
+        """The decode step's per-row arrays (tokens, positions, steps, temperature, top_k, top_p, seeds);
+        a free row gets the pad token and greedy settings."""
+        tokens = np.full((self.max_batch,), self.pad_id, np.int32)
+        positions = np.zeros((self.max_batch,), np.int32)
+        steps = np.zeros((self.max_batch,), np.int32)
+        temperature = np.zeros((self.max_batch,), np.float32)
+        top_k = np.zeros((self.max_batch,), np.int32)
+        top_p = np.ones((self.max_batch,), np.float32)
+        seeds = np.zeros((self.max_batch,), np.uint32)
+        for row, s in enumerate(self.slots):
+            if s is None:
+                continue
+            r = s.request
+            # a row's step number = tokens chosen so far (the Generator's numbering: prefill is 0)
+            tokens[row], positions[row], steps[row] = s.token, s.position, len(r.tokens)
+            temperature[row], top_k[row], top_p[row], seeds[row] = r.temperature, r.top_k, r.top_p, r.seed
+        return tokens, positions, steps, temperature, top_k, top_p, seeds
 
     # -- per-row bookkeeping
     def _record(self, row: int, token: int):

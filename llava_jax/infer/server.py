@@ -8,11 +8,11 @@ server-sent events in OpenAI's chunk format ending with [DONE]; temperature, top
 stop, seed), GET /v1/models, GET /health, GET /metrics (Prometheus), and the chat page at /.
 
 Requests go to the slot engine (`llava_jax.infer.engine`): --max-batch decode slots that requests
-enter (after their prefill, which may run --prefill-ahead requests ahead of a free slot) and leave (EOS, stop, max_tokens, a client that hung up, the timeout)
-between decode steps. Limits: a bounded queue (beyond it 429 with Retry-After; 503 while shutting
-down), a per-request timeout (504), body and image sizes (413), a slow body (408), max_tokens
-within the context and the engine's cache (400). Bad input gets a 4xx with
-{"error": {"message", "type", "param", "code"}}.
+enter (after their prefill, which may run --prefill-ahead requests ahead of a free slot) and leave
+(EOS, stop, max_tokens, a client that hung up, the timeout) between decode steps. Limits: a bounded
+queue (beyond it 429 with Retry-After; 503 while shutting down), a per-request timeout (504), body
+and image sizes (413), a slow body (408), max_tokens within the context and the engine's cache
+(400). Bad input gets a 4xx with {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
