@@ -100,28 +100,31 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def jax_matmul_peak(n: int = 2048, inner: int = 8, repeats: int = 5) -> float:
-    """fp32 FLOP/s of a jitted loop of n x n matmuls on the default jax device (the best of repeats:
-    the machine's attainable matmul rate with the threads XLA uses)."""
+def jax_matmul_peak(n: int = 2048, inner: int = 8, repeats: int = 5, dtype: str = "float32",
+                    accumulate: str | None = None) -> float:
+    """FLOP/s of a jitted loop of n x n matmuls on the default jax device (the best of repeats: the
+    machine's attainable matmul rate with the threads XLA uses). dtype: the operands'; accumulate:
+    the product's preferred_element_type (None: the operands' dtype), e.g. bf16 x bf16 -> float32."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n ** 0.5
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5
+    a = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n ** 0.5).astype(dtype)
+    b = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5).astype(dtype)
 
     @jax.jit
     def loop(x):
-        return jax.lax.fori_loop(0, inner, lambda _, y: y @ b, x)
+        return jax.lax.fori_loop(0, inner, lambda _, y: jnp.dot(y, b, preferred_element_type=accumulate)
+                                 .astype(dtype), x)
 
     loop(a).block_until_ready()
     best = min(time_calls(lambda: loop(a).block_until_ready(), repeats))
     return 2.0 * n ** 3 * inner / best
 
 
-def torch_matmul_peak(n: int = 2048, inner: int = 8, repeats: int = 5) -> float:
+def torch_matmul_peak(n: int = 2048, inner: int = 8, repeats: int = 5, dtype: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     with torch.no_grad():
         a @ b
 

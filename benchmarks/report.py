@@ -44,6 +44,9 @@ def train(d):
     print(f"\nStep FLOPs {d['step_flops'] / 1e9:.1f} GFLOP; fp32 matmul peak (jitted 2048^2 matmul loop, median of "
           f"per-round probes) {d['jax_matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
           f"(torch 2 threads: {d['torch_matmul_peak_flops'] / 1e9:.1f} GFLOP/s).\n")
+    if d.get("bf16_matmul_peak_flops"):
+        print("bf16 matmul peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in
+                                                           d["bf16_matmul_peak_flops"].items()) + "\n")
     columns = ["impl", "remat", "dtype", "step_s", "tokens_per_s", "vs_torch", "mfu"]
     headers = ["implementation", "remat", "dtype", "s/step (median)", "tokens/s", "vs PyTorch", "MFU"]
     if any("attention" in r for r in d["rows"]):  # runs since the blocked causal attention

@@ -14,11 +14,14 @@ MFU = the step's FLOPs (llava_jax.train.flops) / time / the fp32 matmul rate of 
 matmul loop measured in the same run.
 
   .venv/bin/python benchmarks/train_throughput.py [--rounds 3 --steps 3] [--variants nothing_saveable,none]
-      [--profile] [--batch 4 --seq 512] [--json PATH]
+      [--torch-dtypes float32,bfloat16] [--profile] [--batch 4 --seq 512] [--json PATH]
 
 A variant is `remat[:dtype[:attention]]`, e.g. `nothing_saveable:float32:xla` (dense attention)
 beside `nothing_saveable:float32:auto` (on CPU: the blocked causal attention that skips fully masked
 blocks, llava_jax.models.layers.blocked_causal_attention) times both in the same run.
+bf16 against bf16: `--variants nothing_saveable:bfloat16 --torch-dtypes float32,bfloat16` adds a
+transformers side under torch.autocast(bfloat16) and compares each of our variants with the torch side
+of its dtype; the run also probes bf16 matmul rates (bf16 x bf16 -> f32 and -> bf16, jax and torch).
 """
 from __future__ import annotations
 
@@ -141,8 +144,12 @@ class TorchRunner:
 
     LR = 1e-5
 
-    def __init__(self, cfg, batch: dict, attn: str = "sdpa"):
+    def __init__(self, cfg, batch: dict, attn: str = "sdpa", dtype: str = "float32"):
         from llava_jax.testing.hf_reference import hf_llava, nhwc_to_nchw
+
+        # "bfloat16": the forward pass (and so its backward) under torch.autocast, as a torch user
+        # trains in bf16 on CPU; the parameters and AdamW stay float32, like ours.
+        self.dtype = dtype
 
         model = hf_llava(cfg, std=0.02)
         model.set_attn_implementation(attn)
@@ -160,8 +167,12 @@ class TorchRunner:
         """The module that trains (a subclass puts adapters around `model` here)."""
         return model
 
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
+
     def step(self):
-        out = self.model(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)
+        with self.autocast():
+            out = self.model(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -172,15 +183,17 @@ class TorchRunner:
         m = self.model
 
         def vision():
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 m.model.get_image_features(pixel_values=self.pixels)
 
         def forward():
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 m(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels)
 
         def fwd_bwd():
-            m(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels).loss.backward()
+            with self.autocast():
+                loss = m(input_ids=self.ids, pixel_values=self.pixels, labels=self.labels).loss
+            loss.backward()
             m.zero_grad(set_to_none=True)
 
         text = m.config.get_text_config()
@@ -189,7 +202,8 @@ class TorchRunner:
         targets = torch.from_numpy(targets.astype(np.int64))
 
         def head():
-            logits = m.lm_head(hidden)
+            with self.autocast():
+                logits = m.lm_head(hidden)
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                               reduction="sum").backward()
             hidden.grad = None
@@ -219,6 +233,9 @@ def main(argv=None) -> int:
                     help="our remat policies to time, comma-separated; 'X:bfloat16' also sets the dtype, "
                          "'X:float32:xla' also the attention_impl (auto | xla | xla_blocked)")
     ap.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa | eager)")
+    ap.add_argument("--torch-dtypes", default="float32",
+                    help="transformers sides, comma-separated: float32 and/or bfloat16 (torch.autocast); each "
+                         "of our variants is compared with the torch side of its own dtype when there is one")
     ap.add_argument("--profile", action="store_true", help="also time the step's parts on both sides")
     ap.add_argument("--small", action="store_true", help="smoke test: a tiny model")
     ap.add_argument("--json", default=None)
@@ -237,8 +254,17 @@ def main(argv=None) -> int:
     peak = C.jax_matmul_peak()
     torch_peak = C.torch_matmul_peak()
     print(f"fp32 matmul peak: jax {peak / 1e9:.1f} GFLOP/s, torch(2 threads) {torch_peak / 1e9:.1f} GFLOP/s")
+    torch_dtypes = args.torch_dtypes.split(",")
+    bf16_peaks = None
+    if "bfloat16" in torch_dtypes or "bfloat16" in args.variants:
+        # AMX CPUs run bf16 x bf16 -> f32 several times faster than fp32; a bf16 result does not gain
+        bf16_peaks = dict(jax_bf16_f32=C.jax_matmul_peak(dtype="bfloat16", accumulate="float32"),
+                          jax_bf16_bf16=C.jax_matmul_peak(dtype="bfloat16"),
+                          torch_bf16=C.torch_matmul_peak(dtype="bfloat16"))
+        print("bf16 matmul peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bf16_peaks.items()))
 
-    torch_runner = TorchRunner(base, batch, args.attn)
+    torch_runners = {("torch" if d == "float32" else f"torch {d}"): TorchRunner(base, batch, args.attn, d)
+                     for d in torch_dtypes}
     variants = {}
     for v in args.variants.split(","):
         policy, dtype, attention = (v.split(":") + ["", ""])[:3]
@@ -247,16 +273,18 @@ def main(argv=None) -> int:
         runner = OursRunner(cfg, batch)
         runner.step()  # compile + first step
         variants[v] = (cfg, runner)
-    torch_runner.step()  # warm-up (allocator, thread pool)
+    for runner in torch_runners.values():
+        runner.step()  # warm-up (allocator, thread pool)
 
-    times = {"torch": []} | {v: [] for v in variants}
-    cpu_times = {"torch": []} | {v: [] for v in variants}
+    times = {k: [] for k in torch_runners} | {v: [] for v in variants}
+    cpu_times = {k: [] for k in torch_runners} | {v: [] for v in variants}
     losses = {}
     peaks = [peak]
     for r in range(args.rounds):
         peaks.append(C.jax_matmul_peak(repeats=3))  # the peak too drifts with the machine's load
-        for _ in range(args.steps):
-            _timed_step(times["torch"], cpu_times["torch"], lambda: losses.__setitem__("torch", torch_runner.step()))
+        for k, runner in torch_runners.items():
+            for _ in range(args.steps):
+                _timed_step(times[k], cpu_times[k], lambda: losses.__setitem__(k, runner.step()))
         for v, (_, runner) in variants.items():
             for _ in range(args.steps):
                 _timed_step(times[v], cpu_times[v], lambda: losses.__setitem__(v, runner.step()))
@@ -266,12 +294,17 @@ def main(argv=None) -> int:
 
     flops = step_flops(base, 2, args.batch, args.seq, 1).total
     peak = C.median(peaks)
-    t_torch, c_torch = C.median(times["torch"]), C.median(cpu_times["torch"])
-    rows = [dict(impl=f"transformers {info.get('transformers', '')} ({args.attn})", remat="-", dtype="float32",
-                 attention=args.attn, cpu_s=c_torch, vs_torch_cpu=1.0,
-                 step_s=t_torch, tokens_per_s=tokens / t_torch, vs_torch=1.0,
-                 mfu=flops / t_torch / peak, last_loss=losses["torch"])]
+    rows = []
+    for k, runner in torch_runners.items():
+        t_torch, c_torch = C.median(times[k]), C.median(cpu_times[k])
+        rows.append(dict(impl=f"transformers {info.get('transformers', '')} ({args.attn})", remat="-",
+                         dtype=runner.dtype, attention=args.attn, cpu_s=c_torch, vs_torch_cpu=1.0,
+                         step_s=t_torch, tokens_per_s=tokens / t_torch, vs_torch=1.0,
+                         mfu=flops / t_torch / peak, last_loss=losses[k]))
     for v, (cfg, _) in variants.items():
+        # against the torch side of the same dtype (else the first one)
+        k = next((k for k, r in torch_runners.items() if r.dtype == cfg.dtype), next(iter(torch_runners)))
+        t_torch, c_torch = C.median(times[k]), C.median(cpu_times[k])
         t, c = C.median(times[v]), C.median(cpu_times[v])
         attention = resolve_attention_impl(cfg.attention_impl, seq_len=args.seq, causal=True)
         rows.append(dict(impl="llava-jax train step", remat=cfg.remat_policy, dtype=cfg.dtype, attention=attention,
@@ -288,19 +321,21 @@ def main(argv=None) -> int:
     if args.profile:
         profile = []
         first = next(iter(variants.values()))[1]
-        sides = {"torch": torch_runner.parts(), f"ours ({next(iter(variants))})": first.parts()}
+        first_torch = next(iter(torch_runners))
+        sides = {first_torch: torch_runners[first_torch].parts(), f"ours ({next(iter(variants))})": first.parts()}
         for name, parts in sides.items():
             for part, fn in parts.items():
                 fn()  # compile / warm up
                 profile.append(dict(side=name, part=part, seconds=C.median(C.time_calls(fn, 2))))
         for name in sides:
-            full = C.median(times["torch"] if name == "torch" else times[next(iter(variants))])
+            full = C.median(times[first_torch] if name == first_torch else times[next(iter(variants))])
             profile.append(dict(side=name, part="full step (from above)", seconds=full))
         C.print_table(profile, ["side", "part", "seconds"], "where the time goes")
 
     C.write_json("train_throughput", dict(
         machine=info, batch=args.batch, seq=args.seq, tokens_per_step=tokens, step_flops=flops,
         jax_matmul_peak_flops=peak, jax_matmul_peaks_per_round=peaks, torch_matmul_peak_flops=torch_peak,
+        bf16_matmul_peak_flops=bf16_peaks,
         rows=rows, profile=profile,
         samples_per_s={" ".join([r["impl"], r["remat"], r["dtype"], r["attention"]]): args.batch / r["step_s"]
                        for r in rows},

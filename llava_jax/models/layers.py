@@ -53,6 +53,40 @@ def param(rngs: nnx.Rngs, init, shape, axes: Axes) -> nnx.Param:
 
 # ----- dense layers, embeddings, norms -------------------------------------------------------
 
+def matmul(x, w):
+    """x (rows, in) @ w (in, out), both in the compute dtype, the result in that dtype.
+
+    A low-precision (bfloat16) product accumulates in float32, in the forward pass and in both
+    gradients, and rounds once at the end: XLA:CPU runs bf16 x bf16 -> f32 on AMX at several times
+    its fp32 rate but bf16 x bf16 -> bf16 only at about the fp32 rate (issue #19), and a TPU's MXU
+    accumulates in f32 either way. float32 operands take the plain product."""
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return jnp.dot(x, w)
+    return _f32_accumulated_matmul(x, w)
+
+
+@jax.custom_vjp
+def _f32_accumulated_matmul(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _f32_accumulated_matmul_fwd(x, w):
+    return _f32_accumulated_matmul(x, w), (x, w)
+
+
+def _f32_accumulated_matmul_bwd(residuals, g):
+    # Autodiff of the forward would hand these products a float32 cotangent (the transpose of its
+    # final cast) and so run them as f32 x bf16; here both stay bf16 x bf16 -> f32.
+    x, w = residuals
+    f32 = jnp.float32
+    dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    dw = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_f32_accumulated_matmul.defvjp(_f32_accumulated_matmul_fwd, _f32_accumulated_matmul_bwd)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel stored (in, out)."""
 
@@ -67,7 +101,7 @@ class Dense(nnx.Module):
         # inputs the weight gradient contracts two axes, and XLA:CPU first copies the activations
         # into a transposed layout (BENCHMARKS.md §1).
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = jnp.dot(rows, self.kernel[...].astype(self.dtype))
+        y = matmul(rows, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -159,7 +193,9 @@ class Embed(nnx.Module):
 
     def attend(self, x):
         """Tied output projection: x @ embedding.T."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = matmul(rows, self.embedding[...].astype(self.dtype).T)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class LayerNorm(nnx.Module):
@@ -427,7 +463,7 @@ def _blocked_core_fwd(q, k, v, segment_ids, block):
     for start, end in _query_blocks(q.shape[1], block):
         qh, kt_i, vh_i, rows = _block_inputs(q, kt, vh, segment_ids, start, end)
         probs = _attention_probs(qh, kt_i, rows)
-        out = jnp.matmul(probs.astype(vh.dtype), vh_i)
+        out = _probs_times_values(probs, vh_i)
         outs.append(_heads_last(out, end - start))
         saved.append((probs, out))
     return jnp.concatenate(outs, axis=1), (q, k, v, segment_ids, saved)
@@ -484,13 +520,18 @@ def _attention_probs(qh, kt, rows):
 
 @jax.custom_vjp
 def _attention_core(qh, kt, vh, rows):
-    return jnp.matmul(_attention_probs(qh, kt, rows).astype(vh.dtype), vh)
+    return _probs_times_values(_attention_probs(qh, kt, rows), vh)
 
 
 def _attention_core_fwd(qh, kt, vh, rows):
     probs = _attention_probs(qh, kt, rows)
-    out = jnp.matmul(probs.astype(vh.dtype), vh)
+    out = _probs_times_values(probs, vh)
     return out, (qh, kt, vh, rows, probs, out)
+
+
+def _probs_times_values(probs, vh):
+    """float32 probs (.., S, T) @ vh (.., T, hd) in vh's dtype, accumulated in float32."""
+    return jnp.matmul(probs.astype(vh.dtype), vh, preferred_element_type=jnp.float32).astype(vh.dtype)
 
 
 def _attention_core_bwd(residuals, d_out):

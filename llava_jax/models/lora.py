@@ -178,7 +178,7 @@ class LoraDense(nnx.Module):
 
     def __call__(self, x):
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = jnp.dot(rows, self.kernel[...].astype(self.dtype))
+        y = L.matmul(rows, self.kernel[...].astype(self.dtype))
         if self.kernel_scale is not None:
             y = y * self.kernel_scale[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -188,7 +188,7 @@ class LoraDense(nnx.Module):
                 keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt[...]), 1.0 - self.dropout, rows.shape)
                 h = jnp.where(keep, rows / (1.0 - self.dropout), 0).astype(rows.dtype)
             a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
-            y = y + jnp.dot(jnp.dot(h, a), b) * jnp.asarray(self.scaling, self.dtype)
+            y = y + L.matmul(L.matmul(h, a), b) * jnp.asarray(self.scaling, self.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
