@@ -21,6 +21,7 @@ then --warmup-s of load) that compiles its shapes into a persistent compilation 
 so the measured runs time steady-state serving; the engine servers also start with --precompile.
 
   .venv/bin/python benchmarks/serve_load.py [--clients 1,4,16,32] [--seconds 30] [--json PATH]
+      [--serve-args "--weights-dtype bfloat16"]
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import http.client
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -78,11 +80,11 @@ SCHEDULERS = {"window": ["--scheduler", "window"], "engine": ["--scheduler", "en
 
 
 class ServerProcess:
-    def __init__(self, ckpt: str, scheduler: str, max_batch: int, jax_cache: str):
+    def __init__(self, ckpt: str, scheduler: str, max_batch: int, jax_cache: str, extra_args=()):
         self.port = free_port()
         cmd = [sys.executable, "-m", "llava_jax.cli", "serve", "--ckpt", ckpt, "--host", HOST, "--port",
                str(self.port), "--max-batch", str(max_batch), "--max-queue", "256",
-               "--model-name", "bench", "--request-timeout", "300"] + SCHEDULERS[scheduler]
+               "--model-name", "bench", "--request-timeout", "300"] + SCHEDULERS[scheduler] + list(extra_args)
         # A persistent compilation cache: a rerun (and the second server, for the shared prefill)
         # loads compiled shapes instead of compiling them during the measured runs.
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax_cache,
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--schedulers", default="window,engine",
                    help=f"comma-separated, of {sorted(SCHEDULERS)} (engine-no-ahead: --prefill-ahead 0)")
+    p.add_argument("--serve-args", default="",
+                   help="more `llava-jax serve` flags for every server, e.g. '--weights-dtype bfloat16'")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--jax-cache", default=os.path.join(tempfile.gettempdir(), "llava_jax_serve_load_jax_cache"),
                    help="persistent compilation cache of the servers")
@@ -241,7 +245,7 @@ def main(argv=None) -> int:
     ckpt = make_checkpoint(tempfile.mkdtemp(prefix="serve_load_ckpt_"))
     rows = []
     for scheduler in args.schedulers.split(","):
-        server = ServerProcess(ckpt, scheduler, args.max_batch, args.jax_cache)
+        server = ServerProcess(ckpt, scheduler, args.max_batch, args.jax_cache, shlex.split(args.serve_args))
         try:
             warm_up(server.port, args.max_batch, image)
             run_load(server.port, 16, args.warmup_s, 0.2, seed=99, image=image)
