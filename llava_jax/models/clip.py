@@ -33,7 +33,7 @@ class PatchEmbedding(nnx.Module):
         x = pixels.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
         kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-        return L.matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+        return L.matmul(x, kernel)
 
 
 class VisionEmbeddings(nnx.Module):

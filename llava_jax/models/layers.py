@@ -54,15 +54,22 @@ def param(rngs: nnx.Rngs, init, shape, axes: Axes) -> nnx.Param:
 # ----- dense layers, embeddings, norms -------------------------------------------------------
 
 def matmul(x, w):
-    """x (rows, in) @ w (in, out), both in the compute dtype, the result in that dtype.
+    """x (..., in) @ w (in, out), both in the compute dtype, the result (..., out) in that dtype.
+
+    The product runs over (rows, in) with every leading axis folded into rows: for (B, S, in)
+    inputs the weight gradient would contract two axes, and XLA:CPU first copies the activations
+    into a transposed layout (BENCHMARKS.md §1).
 
     A low-precision (bfloat16) product accumulates in float32, in the forward pass and in both
     gradients, and rounds once at the end: XLA:CPU runs bf16 x bf16 -> f32 on AMX at several times
     its fp32 rate but bf16 x bf16 -> bf16 only at about the fp32 rate (issue #19), and a TPU's MXU
     accumulates in f32 either way. float32 operands take the plain product."""
+    rows = x.reshape(-1, x.shape[-1])
     if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return jnp.dot(x, w)
-    return _f32_accumulated_matmul(x, w)
+        y = jnp.dot(rows, w)
+    else:
+        y = _f32_accumulated_matmul(rows, w)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 @jax.custom_vjp
@@ -97,14 +104,10 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        # The product runs over (rows, in) with every leading axis folded into rows: for (B, S, in)
-        # inputs the weight gradient contracts two axes, and XLA:CPU first copies the activations
-        # into a transposed layout (BENCHMARKS.md §1).
-        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = matmul(rows, self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
 
 def quantize_int8(kernel):
@@ -193,9 +196,7 @@ class Embed(nnx.Module):
 
     def attend(self, x):
         """Tied output projection: x @ embedding.T."""
-        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = matmul(rows, self.embedding[...].astype(self.dtype).T)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 class LayerNorm(nnx.Module):
@@ -463,7 +464,7 @@ def _blocked_core_fwd(q, k, v, segment_ids, block):
     for start, end in _query_blocks(q.shape[1], block):
         qh, kt_i, vh_i, rows = _block_inputs(q, kt, vh, segment_ids, start, end)
         probs = _attention_probs(qh, kt_i, rows)
-        out = _probs_times_values(probs, vh_i)
+        out = probs_times_values(probs, vh_i)
         outs.append(_heads_last(out, end - start))
         saved.append((probs, out))
     return jnp.concatenate(outs, axis=1), (q, k, v, segment_ids, saved)
@@ -520,16 +521,16 @@ def _attention_probs(qh, kt, rows):
 
 @jax.custom_vjp
 def _attention_core(qh, kt, vh, rows):
-    return _probs_times_values(_attention_probs(qh, kt, rows), vh)
+    return probs_times_values(_attention_probs(qh, kt, rows), vh)
 
 
 def _attention_core_fwd(qh, kt, vh, rows):
     probs = _attention_probs(qh, kt, rows)
-    out = _probs_times_values(probs, vh)
+    out = probs_times_values(probs, vh)
     return out, (qh, kt, vh, rows, probs, out)
 
 
-def _probs_times_values(probs, vh):
+def probs_times_values(probs, vh):
     """float32 probs (.., S, T) @ vh (.., T, hd) in vh's dtype, accumulated in float32."""
     return jnp.matmul(probs.astype(vh.dtype), vh, preferred_element_type=jnp.float32).astype(vh.dtype)
 

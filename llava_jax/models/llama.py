@@ -73,8 +73,7 @@ def cached_attention(q, k, v, mask):
     logits = jnp.einsum("nqd,ntd->nqt", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
     mask = jnp.broadcast_to(mask[:, None, None], (b, kvh, g, s, t)).reshape(b * kvh, g * s, t)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("nqt,ntd->nqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    out = L.probs_times_values(jax.nn.softmax(logits, axis=-1), v)
     return out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)
 
 
